@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up vocalign in ./.venv on a fresh machine. `launch/setup.sh test` also installs what the tests need.
+# CPU torch 2.13.0 is installed first, explicitly: an unpinned torch would pull a multi-GB CUDA build.
+# On a GPU machine install your CUDA build of torch into the venv first; this script keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev]"
+if [ "${1:-}" = "test" ] && ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null) || echo "warning: espeak-ng not installed; speech tests will be skipped" >&2
+fi

@@ -1,0 +1,176 @@
+"""Trainer configuration: YAML mapped onto dataclasses, names following TRL's GRPOConfig where one exists.
+
+Unknown keys are errors with a suggestion, not silently ignored: a typo in ``epsilon_hgih`` would otherwise run a
+whole experiment with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from .loss import canonical_loss_type
+from .resampling import ResampleConfig
+from .schedules import Schedule
+
+T = TypeVar("T")
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA; the released GLM-TTS adapter is r 8, alpha 16, dropout 0.1 on attention and MLP projections."""
+
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    modules_to_save: list[str] = field(default_factory=list)
+    init_lora_weights: bool | str = True
+
+
+@dataclass
+class GRPOConfig:
+    output_dir: str = "runs/grpo"
+    seed: int = 0
+    max_steps: int = 100
+
+    # batch: each step takes `prompts_per_step` prompts per process, `num_generations` samples each
+    prompts_per_step: int = 4
+    num_generations: int = 8
+    micro_batch_size: int = 8  # sequences per forward/backward; accumulation covers the rest of the batch
+    num_iterations: int = 1  # optimizer steps per generated batch (PPO epochs)
+
+    # optimisation
+    learning_rate: float = 1e-6
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    max_grad_norm: float = 5.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    gradient_checkpointing: bool = False
+
+    # objective
+    loss_type: str = "token_mean"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.3
+    beta: float = 0.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_completion_length: int = 256
+    min_completion_length: int = 0
+
+    # rewards
+    reward_weights: dict[str, float] = field(default_factory=dict)  # a reward not listed weighs 1.0
+    normalization: str = "hierarchical"
+    scale_rewards: str = "group"
+    std_tolerance: float = 1e-6
+    advantage_eps: float = 1e-4
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    schedule: Schedule = field(default_factory=Schedule)
+
+    lora: LoraSettings | None = None
+
+    # bookkeeping
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
+    logging_steps: int = 1
+    report_to: str = "wandb"  # "wandb" (offline unless WANDB_MODE says otherwise) or "none"; JSONL is always written
+    wandb_project: str = "vocalign"
+    run_name: str | None = None
+    log_completions: int = 4  # samples per logging step shown in wandb (audio for TTS)
+
+    def __post_init__(self) -> None:
+        self.loss_type = canonical_loss_type(self.loss_type)
+        positive = ("max_steps", "prompts_per_step", "num_generations", "micro_batch_size", "num_iterations",
+                    "max_completion_length", "save_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.epsilon < 1:
+            raise ValueError(f"epsilon (lower clip bound) must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high < 0:
+            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.min_completion_length > self.max_completion_length:
+            raise ValueError("min_completion_length exceeds max_completion_length")
+        if self.normalization not in ("hierarchical", "sum_then_normalize"):
+            raise ValueError(f"normalization must be 'hierarchical' or 'sum_then_normalize', got {self.normalization!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
+        if self.report_to not in ("wandb", "none"):
+            raise ValueError(f"report_to must be 'wandb' or 'none', got {self.report_to!r}")
+
+    def weights_for(self, names: typing.Sequence[str]) -> list[float]:
+        unknown = sorted(set(self.reward_weights) - set(names))
+        if unknown:
+            raise ValueError(f"reward_weights names {unknown} but the rewards are {list(names)}")
+        return [float(self.reward_weights.get(name, 1.0)) for name in names]
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where) if len(args) == 1 else value
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-6 as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        hints_text = "; ".join(
+            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
+            for k in unknown)
+        raise ValueError(f"unknown key(s) in {where}: {hints_text}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a YAML mapping at the top level")
+    return data
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
