@@ -61,9 +61,13 @@ def flat_reward_mask(rewards: torch.Tensor, std_tolerance: float) -> torch.Tenso
     return group_std(rewards, dim=1).squeeze(1) <= std_tolerance
 
 
-def _standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scale: bool, eps: float) -> torch.Tensor:
+def _standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scale: bool, eps: float,
+                 std_tolerance: float) -> torch.Tensor:
+    """(x - mean) / (std + eps); where std is within tolerance of 0 there is nothing to rank, so 0."""
     centred = x - mean
-    return centred / (std + eps) if scale else centred
+    if not scale:
+        return centred
+    return torch.where(std <= std_tolerance, torch.zeros_like(centred), centred / (std + eps))
 
 
 def normalize_per_reward(
@@ -71,7 +75,7 @@ def normalize_per_reward(
 ) -> torch.Tensor:
     """Step 1 of the hierarchy: each reward z-scored within its group; a reward flat in a group gives 0 there."""
     std_k = group_std(rewards, dim=1)
-    z = _standardise(rewards, rewards.mean(dim=1, keepdim=True), std_k, scale, eps)
+    z = _standardise(rewards, rewards.mean(dim=1, keepdim=True), std_k, scale, eps, std_tolerance)
     return z.masked_fill(std_k <= std_tolerance, 0.0)
 
 
@@ -122,4 +126,4 @@ def compute_advantages(
     else:
         std = group_std(fused, dim=1)
         mean = group_mean
-    return _standardise(fused, mean, std, scale, eps)
+    return _standardise(fused, mean, std, scale, eps, std_tolerance)
