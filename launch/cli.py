@@ -17,7 +17,6 @@ def _train(args: argparse.Namespace) -> int:
     trainer = GRPOTrainer(run.model, run.env, run.scorer, run.prompts, config)
     trainer.train()
     if trainer.accelerator.is_main_process:
-        trainer.save_model(trainer.output_dir / "final")
         png = plot_reward_curves({config.run_name or "run": read_metrics(trainer.metrics_path)},
                                  trainer.output_dir / "reward_curves.png")
         logging.getLogger("vocalign").info("metrics: %s  plot: %s", trainer.metrics_path, png)
@@ -43,8 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        logging.getLogger("vocalign").error("%s", err)
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what, without a traceback unless asked
+        logging.getLogger("vocalign").error("%s", err, exc_info=args.verbose)
         return 2
 
 

@@ -52,7 +52,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             for old in checkpoint_dirs(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    logger.info("saved checkpoint %s", path)
+    if accelerator.is_main_process:
+        logger.info("saved checkpoint %s", path)
     return path
 
 
@@ -63,5 +64,6 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any
         raise FileNotFoundError(f"{path} is not a complete checkpoint: {STATE_FILE} is missing")
     accelerator.load_state(str(path))
     state = json.loads(state_file.read_text())
-    logger.info("resumed from %s (step %d)", path, state["step"])
+    if accelerator.is_main_process:
+        logger.info("resumed from %s (step %d)", path, state["step"])
     return state

@@ -57,6 +57,7 @@ class GRPOConfig:
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     gradient_checkpointing: bool = False
+    bf16: bool = False  # mixed precision; DeepSpeed configs with "auto" follow it
 
     # objective
     loss_type: str = "token_mean"

@@ -66,6 +66,7 @@ class GRPOTrainer:
         self.accumulation_steps = math.ceil(samples_per_step / config.micro_batch_size)
         self.accelerator = accelerator or Accelerator(
             gradient_accumulation_steps=self.accumulation_steps,
+            mixed_precision="bf16" if config.bf16 else "no",
             log_with="wandb" if config.report_to == "wandb" else None,
             project_dir=config.output_dir,
         )
@@ -103,6 +104,9 @@ class GRPOTrainer:
             self.accelerator.distributed_type == DistributedType.DEEPSPEED
             and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
 
+        logger.info("%d process(es), %s, %d micro-batches of %d per optimizer step",
+                    self.accelerator.num_processes, self.accelerator.distributed_type.value,
+                    self.accumulation_steps, config.micro_batch_size)
         self.step = 0
         self.output_dir = Path(config.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -170,6 +174,7 @@ class GRPOTrainer:
             history.append(metrics)
             if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
                 self.save()
+        self.save_model(self.output_dir / "final")
         self.accelerator.end_training()
         return history
 
