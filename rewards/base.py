@@ -1,0 +1,142 @@
+"""The reward plugin contract and the registry that finds plugins.
+
+A plugin scores a batch of utterances and never sees the trainer, so the same object runs in-process, behind a
+reward server, or in an evaluation script. Plugins are found three ways, first match wins: the built-ins registered
+here, the entry-point group ``vocalign.rewards`` (a third-party package adds a reward without touching vocalign),
+and a dotted path ``package.module:Class`` in a config.
+
+A plugin that needs another's output (laughter needs the CER plugin's transcript) lists it in ``requires``; it then
+receives those results through ``score(samples, upstream=...)``, so the ASR runs once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "vocalign.rewards"
+
+
+@dataclass
+class Sample:
+    """One generated utterance to score."""
+
+    audio: np.ndarray  # float32 mono in [-1, 1]
+    sample_rate: int
+    text: str  # what it should say
+    language: str  # "zh" | "en" | ...
+    prompt_audio: np.ndarray | None = None  # the voice prompt, for speaker similarity
+    prompt_sample_rate: int | None = None
+    emotion: str | None = None  # intended emotion label, if any
+
+
+@dataclass
+class RewardResult:
+    value: float
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. the transcript; JSON-serialisable
+
+
+@runtime_checkable
+class RewardPlugin(Protocol):
+    name: str
+
+    def score(self, samples: Sequence[Sample]) -> list[RewardResult]: ...
+
+
+Upstream = Mapping[str, Sequence[RewardResult]]
+
+_BUILTINS: dict[str, str] = {
+    "cer": "vocalign.rewards.cer:CERReward",
+    "sim": "vocalign.rewards.similarity:SpeakerSimilarityReward",
+    "emotion": "vocalign.rewards.emotion:EmotionReward",
+    "laughter": "vocalign.rewards.laughter:LaughterReward",
+    "energy": "vocalign.rewards.energy:EnergyReward",
+}
+
+
+def _import_target(path: str) -> Callable[..., RewardPlugin]:
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"reward target {path!r} must look like 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import reward module {module_name!r} for {path!r}: {err}") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no {attr!r} (reward target {path!r})") from None
+
+
+def available_rewards() -> dict[str, str]:
+    """Name -> import target of every reward this environment knows: built-ins, then entry points."""
+    found = dict(_BUILTINS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def build_reward(name: str, target: str | None = None, **settings: Any) -> RewardPlugin:
+    """Instantiate reward ``name`` from a built-in, an entry point, or an explicit ``target`` dotted path."""
+    known = available_rewards()
+    path = target or known.get(name)
+    if path is None:
+        raise ValueError(f"unknown reward {name!r}; known: {sorted(known)}. Install a package that registers it "
+                         f"under the entry-point group {ENTRY_POINT_GROUP!r}, or give `target: package.module:Class`")
+    plugin = _import_target(path)(**settings)
+    if getattr(plugin, "name", None) != name:
+        plugin.name = name  # the config's name is what the trainer and the logs use
+    if not isinstance(plugin, RewardPlugin):
+        raise TypeError(f"{path} built a {type(plugin).__name__}, which has no score(samples) method")
+    return plugin
+
+
+def plugin_requires(plugin: RewardPlugin) -> tuple[str, ...]:
+    return tuple(getattr(plugin, "requires", ()))
+
+
+def dependency_order(plugins: Sequence[RewardPlugin]) -> list[RewardPlugin]:
+    """Plugins sorted so that each comes after what it ``requires``; missing or cyclic needs are errors."""
+    by_name = {p.name: p for p in plugins}
+    ordered: list[RewardPlugin] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ValueError(f"reward dependencies form a cycle: {' -> '.join(chain + (name,))}")
+        if name not in by_name:
+            raise ValueError(f"reward {chain[-1]!r} requires {name!r}, which is not configured")
+        state[name] = "visiting"
+        for need in plugin_requires(by_name[name]):
+            visit(need, chain + (name,))
+        state[name] = "done"
+        ordered.append(by_name[name])
+
+    for plugin in plugins:
+        visit(plugin.name, ())
+    return ordered
+
+
+def score_all(plugins: Sequence[RewardPlugin], samples: Sequence[Sample]) -> dict[str, list[RewardResult]]:
+    """Score with every plugin in dependency order, handing each the results it requires."""
+    results: dict[str, list[RewardResult]] = {}
+    for plugin in dependency_order(plugins):
+        needs = plugin_requires(plugin)
+        if needs:
+            out = plugin.score(samples, upstream={n: results[n] for n in needs})  # type: ignore[call-arg]
+        else:
+            out = plugin.score(samples)
+        if len(out) != len(samples):
+            raise RuntimeError(f"reward {plugin.name!r} returned {len(out)} results for {len(samples)} samples")
+        results[plugin.name] = list(out)
+    return results

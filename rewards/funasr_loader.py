@@ -1,0 +1,81 @@
+"""Build FunASR models (Paraformer, emotion2vec) from their published folder layout, offline and strictly.
+
+A published FunASR folder holds ``config.yaml`` (component names and their settings), ``model.pt`` (state dict)
+and the files the config names (``tokens.json``/``tokens.txt``, ``am.mvn``). FunASR's own loader reaches for a
+hub when given a name and silently skips mismatched weights; here the components are built from the config
+through FunASR's registry and the weights are loaded by us with ``torch.load(weights_only=True)`` and a strict key
+check, so a wrong or truncated checkpoint fails with the file and the key named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+_FILE_KEYS = {("tokenizer_conf", "token_list"), ("frontend_conf", "cmvn_file")}
+
+
+def _read_token_list(path: Path) -> list[str]:
+    if path.suffix == ".json":
+        return list(json.loads(path.read_text()))
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_funasr_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.yaml with the file names it holds made absolute (token lists read in)."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a FunASR model folder: config.yaml is missing")
+    config = yaml.safe_load(config_path.read_text())
+    for section, key in _FILE_KEYS:
+        value = (config.get(section) or {}).get(key)
+        if isinstance(value, str):
+            path = model_dir / value if not Path(value).is_absolute() else Path(value)
+            if not path.is_file():
+                raise FileNotFoundError(f"{config_path}: {section}.{key} names {value}, which is not in {model_dir}")
+            config[section][key] = _read_token_list(path) if key == "token_list" else str(path)
+    return config
+
+
+def build_funasr(config: dict[str, Any], device: str = "cpu"):
+    """A FunASR AutoModel from a config dict, random weights; nothing is downloaded."""
+    from funasr import AutoModel
+
+    settings = {k: v for k, v in config.items() if k not in ("init_param", "model_path")}
+    return AutoModel(**settings, disable_update=True, disable_pbar=True, device=device)
+
+
+def load_state_dict_strict(module: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a raw (or ``{"state_dict"|"model": ...}``) state dict; any missing, extra or misshapen key is an error."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint} does not match the model built from its config: "
+                         f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{checkpoint}: key {key!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[key].shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_funasr_folder(model_dir: str | Path, device: str = "cpu"):
+    """The published layout: build from config.yaml, then load model.pt strictly."""
+    model_dir = Path(model_dir)
+    auto = build_funasr(read_funasr_config(model_dir), device)
+    load_state_dict_strict(auto.model, model_dir / "model.pt")
+    return auto

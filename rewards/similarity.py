@@ -1,0 +1,89 @@
+"""Speaker similarity: cosine between speaker embeddings of the output and of the voice prompt.
+
+seed-tts-eval scores with an ECAPA-TDNN on WavLM-large features; any Hugging Face x-vector model
+(``AutoModelForAudioXVector``, e.g. WavLM fine-tuned for verification) and resemblyzer (its encoder ships in the
+PyPI package, so it runs offline) are the backends here. The reward is (1 + cos) / 2, in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .audio import check_audio, to_model_rate
+from .base import RewardResult, Sample
+
+
+class SpeakerEncoder(Protocol):
+    def embed(self, audios: Sequence[np.ndarray]) -> np.ndarray: ...  # 16 kHz in, [N, D] out
+
+
+class XVectorEncoder:
+    """Any ``AutoModelForAudioXVector`` (WavLMForXVector, Wav2Vec2ForXVector, ...) from a folder or hub id."""
+
+    def __init__(self, model: str | Path | None = None, device: str = "cpu", *, parts: tuple[Any, Any] | None = None):
+        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+
+        if parts is not None:  # (model, feature_extractor) already built, e.g. a tiny random one in tests
+            self.model, self.extractor = parts
+        else:
+            self.extractor = AutoFeatureExtractor.from_pretrained(str(model))
+            self.model = AutoModelForAudioXVector.from_pretrained(str(model))
+        self.model = self.model.to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def embed(self, audios: Sequence[np.ndarray]) -> np.ndarray:
+        inputs = self.extractor(list(audios), sampling_rate=16000, padding=True, return_attention_mask=True,
+                                return_tensors="pt").to(self.device)
+        return self.model(**inputs).embeddings.float().cpu().numpy()
+
+
+class ResemblyzerEncoder:
+    """resemblyzer's GE2E encoder (256-d), weights shipped in the package."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        from resemblyzer import VoiceEncoder
+
+        self.encoder = VoiceEncoder(device=device, verbose=False)
+
+    def embed(self, audios: Sequence[np.ndarray]) -> np.ndarray:
+        from resemblyzer import preprocess_wav
+
+        return np.stack([self.encoder.embed_utterance(preprocess_wav(a, source_sr=16000)) for a in audios])
+
+
+def build_speaker_encoder(kind: str, **settings: Any) -> SpeakerEncoder:
+    backends = {"xvector": XVectorEncoder, "resemblyzer": ResemblyzerEncoder}
+    if kind not in backends:
+        raise ValueError(f"unknown speaker encoder {kind!r}; choose one of {sorted(backends)}")
+    return backends[kind](**settings)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return (a * b).sum(-1)
+
+
+class SpeakerSimilarityReward:
+    name = "sim"
+
+    def __init__(self, encoder: dict[str, Any] | None = None, *, speaker_encoder: SpeakerEncoder | None = None):
+        self.encoder = speaker_encoder or build_speaker_encoder(**(encoder or {"kind": "resemblyzer"}))
+
+    def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
+        outputs, prompts = [], []
+        for i, s in enumerate(samples):
+            if s.prompt_audio is None or s.prompt_sample_rate is None:
+                raise ValueError(f"sample {i} has no prompt audio; the sim reward compares output and prompt voices")
+            outputs.append(to_model_rate(check_audio(s.audio, s.sample_rate, what=f"sample {i}"), s.sample_rate))
+            prompts.append(to_model_rate(check_audio(s.prompt_audio, s.prompt_sample_rate,
+                                                     what=f"prompt of sample {i}"), s.prompt_sample_rate))
+        embeddings = self.encoder.embed(outputs + prompts)
+        cos = cosine(embeddings[: len(samples)], embeddings[len(samples):])
+        return [RewardResult(float((1.0 + c) / 2.0), {"cosine": float(c)}) for c in cos]

@@ -1,0 +1,122 @@
+"""The reward server's wire format: JSON or msgpack, audio as little-endian PCM bytes, never pickle.
+
+A sample is a mapping ``{"audio": bytes, "encoding": "f32"|"s16", "sample_rate": int, "text": str,
+"language": str, "prompt_audio"?: bytes, "prompt_encoding"?, "prompt_sample_rate"?, "emotion"?}``; JSON carries the
+bytes as base64 strings. A request is ``{"samples": [...], "upstream"?: {reward: [{"value", "info"}]}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .base import RewardResult, Sample
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+_DTYPES = {"f32": "<f4", "s16": "<i2"}
+
+
+class WireError(ValueError):
+    """A request that does not follow the format; the message says where."""
+
+
+def _pcm_bytes(audio: np.ndarray, encoding: str) -> bytes:
+    if encoding == "s16":
+        return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    return np.asarray(audio, dtype="<f4").tobytes()
+
+
+def _pcm_array(data: Any, encoding: str, where: str) -> np.ndarray:
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise WireError(f"{where}: audio is not valid base64") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise WireError(f"{where}: audio must be bytes (msgpack) or a base64 string (JSON)")
+    if encoding not in _DTYPES:
+        raise WireError(f"{where}: encoding must be one of {sorted(_DTYPES)}, got {encoding!r}")
+    width = np.dtype(_DTYPES[encoding]).itemsize
+    if len(data) % width:
+        raise WireError(f"{where}: {len(data)} audio bytes is not a whole number of {encoding} samples")
+    audio = np.frombuffer(data, dtype=_DTYPES[encoding])
+    return (audio.astype(np.float32) / 32768.0) if encoding == "s16" else audio.astype(np.float32)
+
+
+def sample_to_wire(sample: Sample, encoding: str = "f32") -> dict[str, Any]:
+    out: dict[str, Any] = {"audio": _pcm_bytes(sample.audio, encoding), "encoding": encoding,
+                           "sample_rate": int(sample.sample_rate), "text": sample.text, "language": sample.language}
+    if sample.prompt_audio is not None:
+        out.update(prompt_audio=_pcm_bytes(sample.prompt_audio, encoding), prompt_encoding=encoding,
+                   prompt_sample_rate=int(sample.prompt_sample_rate or 0))
+    if sample.emotion is not None:
+        out["emotion"] = sample.emotion
+    return out
+
+
+def sample_from_wire(item: Any, index: int) -> Sample:
+    where = f"sample {index}"
+    if not isinstance(item, Mapping):
+        raise WireError(f"{where} must be an object")
+    for key, kind in (("audio", None), ("sample_rate", int), ("text", str), ("language", str)):
+        if key not in item:
+            raise WireError(f"{where}: missing field {key!r}")
+        if kind is not None and not isinstance(item[key], kind):
+            raise WireError(f"{where}: field {key!r} must be {kind.__name__}")
+    prompt = None
+    if item.get("prompt_audio") is not None:
+        if not isinstance(item.get("prompt_sample_rate"), int):
+            raise WireError(f"{where}: prompt_audio needs an integer prompt_sample_rate")
+        prompt = _pcm_array(item["prompt_audio"], item.get("prompt_encoding", "f32"), f"{where} prompt")
+    return Sample(audio=_pcm_array(item["audio"], item.get("encoding", "f32"), where),
+                  sample_rate=item["sample_rate"], text=item["text"], language=item["language"],
+                  prompt_audio=prompt, prompt_sample_rate=item.get("prompt_sample_rate"),
+                  emotion=item.get("emotion"))
+
+
+def encode(payload: Mapping[str, Any], content_type: str) -> bytes:
+    if content_type == MSGPACK:
+        return msgpack.packb(payload, use_bin_type=True)
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, (bytes, bytearray)):
+            return base64.b64encode(obj).decode("ascii")
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    return json.dumps(payload, default=default).encode()
+
+
+def decode(body: bytes, content_type: str) -> Any:
+    try:
+        if content_type == MSGPACK:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return json.loads(body)
+    except (ValueError, TypeError) as err:  # msgpack errors derive from ValueError
+        raise WireError(f"body is not valid {'msgpack' if content_type == MSGPACK else 'JSON'}: {err}") from None
+
+
+def request_payload(samples: Sequence[Sample], upstream: Mapping[str, Sequence[RewardResult]] | None = None,
+                    encoding: str = "f32") -> dict[str, Any]:
+    payload: dict[str, Any] = {"samples": [sample_to_wire(s, encoding) for s in samples]}
+    if upstream:
+        payload["upstream"] = {k: [{"value": r.value, "info": r.info} for r in v] for k, v in upstream.items()}
+    return payload
+
+
+def upstream_from_wire(raw: Any, n: int) -> dict[str, list[RewardResult]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise WireError("upstream must map reward names to result lists")
+    out = {}
+    for name, rows in raw.items():
+        if not isinstance(rows, list) or len(rows) != n:
+            raise WireError(f"upstream {name!r} must hold one result per sample ({n})")
+        out[name] = [RewardResult(float(r["value"]), dict(r.get("info") or {})) for r in rows]
+    return out
