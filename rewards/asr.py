@@ -51,14 +51,6 @@ class WhisperASR:
         self.model = WhisperForConditionalGeneration.from_pretrained(str(model), dtype=dtype).to(device).eval()
         self.language, self.device, self.max_new_tokens = language, device, max_new_tokens
 
-    @classmethod
-    def from_parts(cls, model, processor, language: str = "en", max_new_tokens: int = 32) -> WhisperASR:
-        """Wrap an already built model (tests build a tiny random one)."""
-        self = cls.__new__(cls)
-        self.model, self.processor = model.eval(), processor
-        self.language, self.device, self.max_new_tokens = language, next(model.parameters()).device, max_new_tokens
-        return self
-
     @torch.no_grad()
     def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]:
         features = self.processor.feature_extractor(

@@ -1,0 +1,172 @@
+"""CER reward: seed-tts-eval normalisation by hand, the formula, ASR backends on tiny models and on real speech."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from vocalign.rewards.asr import ParaformerASR, PocketSphinxASR, WhisperASR
+from vocalign.rewards.base import RewardResult, Sample
+from vocalign.rewards.cer import CERReward, cer_to_reward
+from vocalign.rewards.funasr_loader import build_funasr
+from vocalign.rewards.text_norm import error_rate, normalize
+
+from .speech import needs_espeak, speak
+
+
+@pytest.mark.parametrize("text, language, expected", [
+    ("你好，世界！", "zh", list("你好世界")),
+    ("“今天”天气很好。", "zh", list("今天天气很好")),
+    ("It's 5 o'clock, OK?", "en", ["it's", "5", "o'clock", "ok"]),
+    ("Hello -- World!!", "en", ["hello", "world"]),
+    ("I have 2 cats", "en", ["i", "have", "2", "cats"]),  # numbers left alone
+])
+def test_normalisation_by_hand(text, language, expected):
+    assert normalize(text, language) == expected
+
+
+def test_traditional_hypothesis_becomes_simplified():
+    assert normalize("說話", "zh", hypothesis=True) == ["说", "话"]
+    assert error_rate("说话", "說話", "zh") == 0.0
+
+
+def test_error_rates_by_hand():
+    assert error_rate("你好世界", "你好世节", "zh") == pytest.approx(0.25)  # one substitution in four characters
+    assert error_rate("the cat sat", "the cat", "en") == pytest.approx(1 / 3)
+    assert error_rate("two cats", "2 cats", "en") == pytest.approx(0.5)  # no number normalisation
+    assert error_rate("hello", "", "en") == 1.0
+
+
+def test_reward_mapping():
+    assert cer_to_reward(0.0) == 1.0
+    assert cer_to_reward(0.4) == pytest.approx(math.exp(-1.0))
+    assert cer_to_reward(0.4, "linear") == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="'exp' or 'linear'"):
+        cer_to_reward(0.1, "log")
+
+
+class TranscriberDouble:
+    """Test double: returns fixed transcripts and records what it was given."""
+
+    def __init__(self, texts):
+        self.texts, self.seen = texts, []
+
+    def transcribe(self, audios):
+        self.seen.extend(audios)
+        return self.texts[: len(audios)]
+
+
+def test_cer_reward_formula_resampling_and_info():
+    asr = TranscriberDouble(["the cat", "the cat sat"])
+    reward = CERReward(transcribers={"en": asr})
+    samples = [Sample(np.zeros(24000, np.float32) + 0.01, 24000, "the cat sat", "en")] * 2
+    out = reward.score(samples)
+    assert [r.info["transcript"] for r in out] == ["the cat", "the cat sat"]
+    assert out[0].value == pytest.approx(math.exp(-2.5 / 3)) and out[1].value == 1.0
+    assert len(asr.seen[0]) == 16000  # 1 s at 24 kHz arrives at 16 kHz
+    with pytest.raises(ValueError, match="no ASR configured for language 'zh'"):
+        reward.score([Sample(np.zeros(1600, np.float32), 16000, "你好", "zh")])
+    with pytest.raises(ValueError, match="sample 0 contains NaN"):
+        reward.score([Sample(np.full(1600, np.nan, np.float32), 16000, "x", "en")])
+
+
+def tiny_whisper_folder(path):
+    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizer)
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}
+    specials = ["<|endoftext|>", "<|startoftranscript|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = WhisperTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), unk_token="<|endoftext|>",
+                           bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                           additional_special_tokens=["<|startoftranscript|>"])
+    config = WhisperConfig(vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                           decoder_ffn_dim=32, max_target_positions=64, decoder_start_token_id=vocab["<|startoftranscript|>"],
+                           eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+                           bos_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(config).save_pretrained(path)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=tok).save_pretrained(path)
+
+
+def test_whisper_backend_loads_the_hf_folder_layout(tmp_path):
+    tiny_whisper_folder(tmp_path)
+    asr = WhisperASR(tmp_path, max_new_tokens=6)
+    texts = asr.transcribe([np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32),
+                            np.zeros(8000, np.float32)])
+    assert len(texts) == 2 and all(isinstance(t, str) and set(t) <= set("abcdefghijklmnopqrstuvwxyz ") for t in texts)
+    out = CERReward(transcribers={"en": asr}).score([Sample(np.zeros(16000, np.float32), 16000, "hello", "en")])
+    assert 0.0 <= out[0].value <= 1.0
+
+
+TOKENS = ["<blank>", "<s>", "</s>", "<unk>"] + list("你好世界今天气很")
+
+
+def tiny_paraformer_config():
+    return dict(
+        model="Paraformer",
+        model_conf=dict(ctc_weight=0.0, lsm_weight=0.1, predictor_weight=1.0, predictor_bias=1, sampling_ratio=0.75),
+        encoder="SANMEncoder",
+        encoder_conf=dict(output_size=32, attention_heads=2, linear_units=64, num_blocks=2, dropout_rate=0.0,
+                          positional_dropout_rate=0.0, attention_dropout_rate=0.0, input_layer="pe",
+                          pos_enc_class="SinusoidalPositionEncoder", normalize_before=True, kernel_size=11,
+                          sanm_shfit=0, selfattention_layer_type="sanm"),
+        decoder="ParaformerSANMDecoder",
+        decoder_conf=dict(attention_heads=2, linear_units=64, num_blocks=2, dropout_rate=0.0,
+                          positional_dropout_rate=0.0, self_attention_dropout_rate=0.0,
+                          src_attention_dropout_rate=0.0, att_layer_num=2, kernel_size=11, sanm_shfit=0),
+        predictor="CifPredictorV2",
+        predictor_conf=dict(idim=32, threshold=1.0, l_order=1, r_order=1, tail_threshold=0.45),
+        frontend="WavFrontend",
+        frontend_conf=dict(fs=16000, window="hamming", n_mels=80, frame_length=25, frame_shift=10, lfr_m=7, lfr_n=6),
+        tokenizer="CharTokenizer",
+        tokenizer_conf=dict(token_list="tokens.json", unk_symbol="<unk>"),
+    )
+
+
+def write_paraformer_folder(path):
+    config = tiny_paraformer_config()
+    (path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    (path / "tokens.json").write_text(json.dumps(TOKENS, ensure_ascii=False))
+    built = build_funasr({**config, "tokenizer_conf": {**config["tokenizer_conf"], "token_list": TOKENS}})
+    torch.save(built.model.state_dict(), path / "model.pt")
+    return built
+
+
+def test_paraformer_loads_the_published_folder_and_transcribes(tmp_path):
+    built = write_paraformer_folder(tmp_path)
+    asr = ParaformerASR(tmp_path)
+    for key, value in built.model.state_dict().items():
+        torch.testing.assert_close(asr.auto.model.state_dict()[key], value)
+    texts = asr.transcribe([np.random.default_rng(1).normal(0, 0.1, 16000).astype(np.float32)])
+    assert len(texts) == 1 and set(texts[0]) <= set("".join(TOKENS[4:]))
+
+
+def test_paraformer_mismatched_checkpoint_names_file_and_key(tmp_path):
+    write_paraformer_folder(tmp_path)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state.pop("decoder.embed.0.weight")
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"model\.pt does not match.*missing keys \['decoder\.embed\.0\.weight'\]"):
+        ParaformerASR(tmp_path)
+    (tmp_path / "tokens.json").unlink()
+    with pytest.raises(FileNotFoundError, match="token_list names tokens.json"):
+        ParaformerASR(tmp_path)
+
+
+@needs_espeak
+def test_pocketsphinx_cer_prefers_the_matching_text_on_real_speech():
+    text = "the quick brown fox jumps over the lazy dog"
+    audio, rate = speak(text)
+    reward = CERReward(transcribers={"en": PocketSphinxASR()})
+    right, wrong = reward.score([Sample(audio, rate, text, "en"),
+                                 Sample(audio, rate, "please call stella and ask her to bring these things", "en")])
+    assert right.value > wrong.value, (right.info, wrong.info)
+    assert isinstance(right, RewardResult) and right.info["transcript"]

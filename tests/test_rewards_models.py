@@ -1,0 +1,137 @@
+"""SIM, emotion and laughter rewards: tiny random models of the real classes, formulas, and real speech."""
+
+import numpy as np
+import pytest
+import torch
+
+from vocalign.rewards.base import RewardResult, Sample
+from vocalign.rewards.emotion import AudioClassifierEmotion, EmotionReward
+from vocalign.rewards.laughter import (AudioClassifierLaughterDetector, LaughterReward, asks_for_laughter,
+                                       transcribes_laughter)
+from vocalign.rewards.similarity import ResemblyzerEncoder, SpeakerSimilarityReward, XVectorEncoder, cosine
+
+from .speech import needs_espeak, speak
+
+EMOTIONS = ["生气/angry", "厌恶/disgusted", "恐惧/fearful", "开心/happy", "中立/neutral", "其他/other", "难过/sad",
+            "吃惊/surprised", "<unk>"]
+
+
+def noise(seconds=1.0, seed=0, rate=16000):
+    return np.random.default_rng(seed).normal(0, 0.1, int(seconds * rate)).astype(np.float32)
+
+
+def tiny_extractor():
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=True)
+
+
+def tiny_wavlm_kwargs():
+    return dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                num_conv_pos_embedding_groups=2, num_buckets=8, max_bucket_distance=16)
+
+
+def test_xvector_similarity_range_and_identity():
+    from transformers import WavLMConfig, WavLMForXVector
+
+    torch.manual_seed(0)
+    model = WavLMForXVector(WavLMConfig(**tiny_wavlm_kwargs(), tdnn_dim=(16, 16), tdnn_kernel=(3, 1),
+                                        tdnn_dilation=(1, 1), xvector_output_dim=8))
+    reward = SpeakerSimilarityReward(speaker_encoder=XVectorEncoder(parts=(model, tiny_extractor())))
+    a, b = noise(seed=1), noise(seed=2, seconds=1.5)
+    out = reward.score([Sample(a, 16000, "x", "en", a, 16000), Sample(a, 16000, "x", "en", b, 16000)])
+    assert out[0].value == pytest.approx(1.0, abs=1e-5)  # same audio: cosine 1 -> reward 1
+    assert 0.0 <= out[1].value <= 1.0
+    assert out[1].value == pytest.approx((1 + out[1].info["cosine"]) / 2)
+    with pytest.raises(ValueError, match="sample 0 has no prompt audio"):
+        reward.score([Sample(a, 16000, "x", "en")])
+
+
+def test_cosine_by_hand():
+    assert cosine(np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]]))[0] == pytest.approx(0.0)
+    assert cosine(np.array([[1.0, 1.0]]), np.array([[-3.0, -3.0]]))[0] == pytest.approx(-1.0)
+
+
+@needs_espeak
+def test_resemblyzer_same_voice_scores_higher_than_male_vs_female():
+    male_a, rate = speak("the weather is lovely today and we will walk to the park", "en-us")
+    male_b, _ = speak("please remember to bring the blue umbrella with you", "en-us")
+    female, _ = speak("please remember to bring the blue umbrella with you", "en-us+f3")
+    reward = SpeakerSimilarityReward(speaker_encoder=ResemblyzerEncoder())
+    same, different = reward.score([Sample(male_b, rate, "", "en", male_a, rate),
+                                    Sample(female, rate, "", "en", male_a, rate)])
+    assert same.value > different.value, (same.info, different.info)
+
+
+def tiny_audio_classifier(labels):
+    from transformers import WavLMConfig, WavLMForSequenceClassification
+
+    torch.manual_seed(0)
+    config = WavLMConfig(**tiny_wavlm_kwargs(), num_labels=len(labels), classifier_proj_size=8,
+                         id2label=dict(enumerate(labels)), label2id={lb: i for i, lb in enumerate(labels)})
+    return WavLMForSequenceClassification(config)
+
+
+def test_emotion_reward_is_probability_of_target_or_not_neutral():
+    classifier = AudioClassifierEmotion(parts=(tiny_audio_classifier(EMOTIONS), tiny_extractor()))
+    reward = EmotionReward(emotion_classifier=classifier)
+    audio = noise()
+    probs = classifier.probabilities([audio])[0]
+    assert probs.sum() == pytest.approx(1.0) and len(probs) == 9
+    happy, unspecified = reward.score([Sample(audio, 16000, "x", "en", emotion="happy"),
+                                       Sample(audio, 16000, "x", "en")])
+    assert happy.value == pytest.approx(probs[3])
+    assert unspecified.value == pytest.approx(1 - probs[4])  # neutral is index 4
+    with pytest.raises(ValueError, match="emotion 'bored' is not a label"):
+        reward.score([Sample(audio, 16000, "x", "en", emotion="bored")])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("ha ha, that is funny", True), ("Hahaha!", True), ("hey hey", True), ("哈哈，太好了", True), ("呵呵", True),
+    ("ha, that is funny", False), ("he said hello", False), ("哈", False), ("hello there", False),
+])
+def test_laughter_text_rule(text, expected):
+    assert asks_for_laughter(text) is expected
+
+
+class DetectorDouble:
+    """Test double: reports a laughter segment or none, as told."""
+
+    def __init__(self, found):
+        self.found = found
+
+    def segments(self, audio):
+        return [(0.2, 0.8)] if self.found else []
+
+
+@pytest.mark.parametrize("text, found, transcript, expected", [
+    ("ha ha ha, sure", True, "sure", 1.0),  # laughed, ASR dropped it: a real laugh
+    ("ha ha ha, sure", True, "ha ha ha sure", 0.0),  # ASR read the words: read out, not laughed
+    ("ha ha ha, sure", False, "sure", 0.0),  # no laugh detected
+    ("sure", True, "sure", 0.0),  # text asks for no laughter
+])
+def test_laughter_reward_rule(text, found, transcript, expected):
+    reward = LaughterReward(laughter_detector=DetectorDouble(found))
+    out = reward.score([Sample(noise(), 16000, text, "en")], upstream={"cer": [RewardResult(1.0, {"transcript": transcript})]})
+    assert out[0].value == expected
+
+
+def test_laughter_needs_the_cer_transcript():
+    reward = LaughterReward(laughter_detector=DetectorDouble(True))
+    with pytest.raises(ValueError, match="cer reward's transcripts"):
+        reward.score([Sample(noise(), 16000, "ha ha", "en")])
+    assert transcribes_laughter("哈哈 好") and not transcribes_laughter("he is here")
+
+
+def test_audio_classifier_laughter_detector_windows_and_merges():
+    labels = ["Speech", "Laughter", "Music"]
+    model = tiny_audio_classifier(labels)
+    detector = AudioClassifierLaughterDetector(parts=(model, tiny_extractor()), label="Laughter", threshold=0.0)
+    segments = detector.segments(noise(seconds=2.5))
+    assert segments == [(0.0, 2.5)]  # threshold 0: every window counts, merged into one segment
+    strict = AudioClassifierLaughterDetector(parts=(model, tiny_extractor()), label="Laughter", threshold=1.01)
+    assert strict.segments(noise(seconds=2.5)) == []
+    with pytest.raises(ValueError, match="no 'Giggle' class"):
+        AudioClassifierLaughterDetector(parts=(model, tiny_extractor()), label="Giggle")
