@@ -9,6 +9,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[dev]"
+# resemblyzer's own `webrtcvad` requirement does not import here; webrtcvad-wheels (installed above) replaces it
+.venv/bin/python -m pip install -q --no-deps resemblyzer==0.1.4
 if [ "${1:-}" = "test" ] && ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null) || echo "warning: espeak-ng not installed; speech tests will be skipped" >&2
 fi
