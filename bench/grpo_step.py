@@ -16,23 +16,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig as TRLConfig  # noqa: E402
 from trl import GRPOTrainer as TRLTrainer  # noqa: E402
 
 from vocalign.rlhf.config import GRPOConfig  # noqa: E402
 from vocalign.rlhf.resampling import ResampleConfig  # noqa: E402
 from vocalign.rlhf.schedules import StepHyperparams  # noqa: E402
-from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts  # noqa: E402
+from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts, toy_tokenizer  # noqa: E402
 from vocalign.rlhf.trainer import GRPOTrainer  # noqa: E402
-
-
-def tokenizer_for(vocab_size: int) -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<pad>")
 
 
 class StepTimer(TrainerCallback):
@@ -62,7 +54,7 @@ def bench_trl(toy: ToyConfig, prompts, args) -> list[float]:
             loss_type="dapo", epsilon=0.2, epsilon_high=0.3, beta=0.0, temperature=1.0, seed=0)
         trainer = TRLTrainer(model=build_toy_model(toy), reward_funcs=[hits], args=config,
                              train_dataset=Dataset.from_dict({"prompt": texts}),
-                             processing_class=tokenizer_for(toy.vocab_size), callbacks=[timer])
+                             processing_class=toy_tokenizer(toy.vocab_size), callbacks=[timer])
         trainer.train()
     return timer.times[1:]
 

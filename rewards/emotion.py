@@ -16,6 +16,7 @@ import torch
 
 from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
+from .hf_audio import load_audio_model
 
 EMOTION2VEC_NEUTRAL_INDEX = 4
 
@@ -47,14 +48,7 @@ class AudioClassifierEmotion:
     """Any ``AutoModelForAudioClassification`` whose ``id2label`` names emotions."""
 
     def __init__(self, model: str | Path | None = None, device: str = "cpu", *, parts: tuple[Any, Any] | None = None):
-        from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
-
-        if parts is not None:
-            self.model, self.extractor = parts
-        else:
-            self.extractor = AutoFeatureExtractor.from_pretrained(str(model))
-            self.model = AutoModelForAudioClassification.from_pretrained(str(model))
-        self.model = self.model.to(device).eval()
+        self.model, self.extractor = load_audio_model("AutoModelForAudioClassification", model, device, parts)
         self.device = device
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 

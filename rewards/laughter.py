@@ -19,6 +19,7 @@ import torch
 
 from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
+from .hf_audio import load_audio_model
 
 _EN_WORD = r"(?:ha|hah|hey|he|hee)"
 _EN_RUN = re.compile(rf"\b{_EN_WORD}(?:[\s,!.~-]*{_EN_WORD})+\b|\b(?:ha){{2,}}h?\b|\b(?:he){{2,}}\b", re.IGNORECASE)
@@ -47,14 +48,7 @@ class AudioClassifierLaughterDetector:
     def __init__(self, model: str | Path | None = None, label: str = "Laughter", threshold: float = 0.5,
                  window_s: float = 1.0, hop_s: float = 0.5, device: str = "cpu", *,
                  parts: tuple[Any, Any] | None = None) -> None:
-        from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
-
-        if parts is not None:
-            self.model, self.extractor = parts
-        else:
-            self.extractor = AutoFeatureExtractor.from_pretrained(str(model))
-            self.model = AutoModelForAudioClassification.from_pretrained(str(model))
-        self.model = self.model.to(device).eval()
+        self.model, self.extractor = load_audio_model("AutoModelForAudioClassification", model, device, parts)
         names = {v.lower(): int(k) for k, v in self.model.config.id2label.items()}
         if label.lower() not in names:
             raise ValueError(f"the detector model has no {label!r} class; its classes are "

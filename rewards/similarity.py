@@ -16,6 +16,7 @@ import torch
 
 from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
+from .hf_audio import load_audio_model
 
 
 class SpeakerEncoder(Protocol):
@@ -26,14 +27,7 @@ class XVectorEncoder:
     """Any ``AutoModelForAudioXVector`` (WavLMForXVector, Wav2Vec2ForXVector, ...) from a folder or hub id."""
 
     def __init__(self, model: str | Path | None = None, device: str = "cpu", *, parts: tuple[Any, Any] | None = None):
-        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-
-        if parts is not None:  # (model, feature_extractor) already built, e.g. a tiny random one in tests
-            self.model, self.extractor = parts
-        else:
-            self.extractor = AutoFeatureExtractor.from_pretrained(str(model))
-            self.model = AutoModelForAudioXVector.from_pretrained(str(model))
-        self.model = self.model.to(device).eval()
+        self.model, self.extractor = load_audio_model("AutoModelForAudioXVector", model, device, parts)
         self.device = device
 
     @torch.no_grad()

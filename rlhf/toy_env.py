@@ -47,6 +47,18 @@ def build_toy_model(cfg: ToyConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def toy_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the toy vocabulary ("t1" .. "tN", "<pad>" = 0), for running TRL on the same
+    model and prompts when comparing against it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<pad>")
+
+
 def toy_prompts(cfg: ToyConfig) -> list[dict[str, list[int]]]:
     """Random prompts of non-stop tokens, seeded, as dataset rows."""
     g = torch.Generator().manual_seed(cfg.seed + 1)

@@ -3,23 +3,14 @@
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 from trl import GRPOConfig as TRLConfig
 from trl import GRPOTrainer as TRLTrainer
 
 from vocalign.rlhf.advantages import compute_advantages
 from vocalign.rlhf.loss import aggregate, clipped_surrogate, completion_logps
-from vocalign.rlhf.toy_env import ToyConfig, build_toy_model
+from vocalign.rlhf.toy_env import ToyConfig, build_toy_model, toy_tokenizer
 
 G = 4
-
-
-def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<pad>")
 
 
 def trl_trainer(tmp_path, reward_funcs, **overrides):
@@ -30,7 +21,7 @@ def trl_trainer(tmp_path, reward_funcs, **overrides):
                      max_completion_length=6, report_to="none", use_cpu=True, bf16=False, logging_steps=1,
                      epsilon=0.2, epsilon_high=0.3, beta=0.0, **overrides)
     return TRLTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=prompts,
-                      processing_class=word_tokenizer(cfg.vocab_size))
+                      processing_class=toy_tokenizer(cfg.vocab_size))
 
 
 def constant_reward(completions, **_):
