@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -187,9 +188,12 @@ class GRPOTrainer:
         chosen = []
         for position in range(start, start + per_step):
             epoch, offset = divmod(position, len(self.prompts))
-            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.config.seed + epoch))
-            chosen.append(self.prompts[int(order[offset])])
+            chosen.append(self.prompts[int(self._epoch_order(epoch)[offset])])
         return chosen
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 -- one trainer per run; a step spans at most two epochs
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.config.seed + epoch))
 
     def train_step(self, prompts: Sequence[Any], hp: StepHyperparams) -> dict[str, float]:
         cfg = self.config
