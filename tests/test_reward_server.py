@@ -133,3 +133,20 @@ def test_limits_and_malformed_requests_get_4xx_with_reasons(servers):
     text = str(err.value)
     assert "422" in text and "sample 1 audio contains NaN" in text and "sample 2 audio is empty" in text
     assert "sample 3 audio has sample rate 12345" in text
+
+
+def test_node_launcher_starts_every_server_of_a_spec(tmp_path):
+    ports = [free_port(), free_port()]
+    spec = tmp_path / "servers.txt"
+    spec.write_text(f"# two loudness servers\nenergy {ports[0]} -\nenergy {ports[1]}\n")
+    env = {**os.environ, "VOCALIGN": f"{sys.executable} -m vocalign.launch.cli"}
+    proc = subprocess.Popen(["bash", "launch/serve_rewards.sh", str(spec), str(tmp_path / "logs")], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ready = [proc.stdout.readline().split()[1] for _ in ports]
+        assert ready == [f"energy=http://127.0.0.1:{p}" for p in ports]
+        urls = [r.split("=", 1)[1] for r in ready]
+        assert len(RewardClient(urls, retries=0).score([sample(0.1)] * 4)) == 4
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
