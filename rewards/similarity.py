@@ -1,8 +1,9 @@
 """Speaker similarity: cosine between speaker embeddings of the output and of the voice prompt.
 
-seed-tts-eval scores with an ECAPA-TDNN on WavLM-large features; any Hugging Face x-vector model
-(``AutoModelForAudioXVector``, e.g. WavLM fine-tuned for verification) and resemblyzer (its encoder ships in the
-PyPI package, so it runs offline) are the backends here. The reward is (1 + cos) / 2, in [0, 1].
+seed-tts-eval scores with an ECAPA-TDNN on WavLM-large features (``kind: ecapa_wavlm``, its published
+``wavlm_large_finetune.pth``); any Hugging Face x-vector model (``AutoModelForAudioXVector``, e.g. WavLM fine-tuned
+for verification) and resemblyzer (its encoder ships in the PyPI package, so it runs offline) work too.
+The reward is (1 + cos) / 2, in [0, 1].
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class ResemblyzerEncoder:
 
 
 def build_speaker_encoder(kind: str, **settings: Any) -> SpeakerEncoder:
-    backends = {"xvector": XVectorEncoder, "resemblyzer": ResemblyzerEncoder}
+    from .ecapa_wavlm import EcapaWavLMEncoder
+
+    backends = {"xvector": XVectorEncoder, "resemblyzer": ResemblyzerEncoder, "ecapa_wavlm": EcapaWavLMEncoder}
     if kind not in backends:
         raise ValueError(f"unknown speaker encoder {kind!r}; choose one of {sorted(backends)}")
     return backends[kind](**settings)
