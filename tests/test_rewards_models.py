@@ -135,3 +135,43 @@ def test_audio_classifier_laughter_detector_windows_and_merges():
     assert strict.segments(noise(seconds=2.5)) == []
     with pytest.raises(ValueError, match="no 'Giggle' class"):
         AudioClassifierLaughterDetector(parts=(model, tiny_extractor()), label="Giggle")
+
+
+def tiny_emotion2vec_config():
+    audio = dict(feature_encoder_spec="[(32, 10, 5)] + [(32, 3, 2)] * 2 + [(32, 2, 2)]", extractor_mode="layer_norm",
+                 conv_pos_depth=2, conv_pos_width=8, conv_pos_groups=4, conv_pos_pre_ln=False,
+                 start_drop_path_rate=0.0, end_drop_path_rate=0.0, prenet_depth=1, prenet_layerdrop=0.0,
+                 prenet_dropout=0.0, decoder=None, use_alibi_encoder=True, local_grad_mult=1.0, num_extra_tokens=0,
+                 init_extra_token_zero=True, learned_alibi_scale=True, alibi_scale=1.0, learned_alibi=False,
+                 num_alibi_heads=4, model_depth=2, learned_alibi_scale_per_layer=True,
+                 learned_alibi_scale_per_head=True, alibi_max_pos=None, type="AUDIO")
+    model_conf = dict(depth=2, start_drop_path_rate=0.0, end_drop_path_rate=0.0, num_heads=4, norm_eps=1e-5,
+                      norm_affine=True, encoder_dropout=0.0, post_mlp_drop=0.0, attention_dropout=0.0,
+                      activation_dropout=0.0, dropout_input=0.0, layerdrop=0.0, embed_dim=32, mlp_ratio=2.0,
+                      layer_norm_first=False, average_top_k_layers=2, end_of_block_targets=False, loss_beta=0.0,
+                      loss_scale=None, normalize=True, modalities=dict(audio=audio))
+    return dict(model="Emotion2vec", model_conf=model_conf, tokenizer="CharTokenizer",
+                tokenizer_conf=dict(token_list="tokens.txt", unk_symbol="<unk>"))
+
+
+def test_emotion2vec_loads_the_published_folder(tmp_path):
+    import yaml
+
+    from vocalign.rewards.emotion import Emotion2vecClassifier
+    from vocalign.rewards.funasr_loader import build_funasr
+
+    config = tiny_emotion2vec_config()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    (tmp_path / "tokens.txt").write_text("\n".join(EMOTIONS) + "\n")
+    torch.manual_seed(0)
+    built = build_funasr({**config, "tokenizer_conf": {"token_list": EMOTIONS, "unk_symbol": "<unk>"}})
+    torch.save(built.model.state_dict(), tmp_path / "model.pt")
+
+    classifier = Emotion2vecClassifier(tmp_path)
+    assert classifier.labels == EMOTIONS
+    reward = EmotionReward(emotion_classifier=classifier)
+    audio = noise()
+    probs = classifier.probabilities([audio])[0]
+    assert probs.shape == (9,) and probs.sum() == pytest.approx(1.0, abs=1e-5)
+    sad, unspecified = reward.score([Sample(audio, 16000, "x", "zh", emotion="sad"), Sample(audio, 16000, "x", "zh")])
+    assert sad.value == pytest.approx(probs[6]) and unspecified.value == pytest.approx(1 - probs[4])
