@@ -79,7 +79,7 @@ def main() -> None:
         config.write_text(yaml.safe_dump(settings))
         # the baseline server does no batching and never waits, like the released per-sample servers
         single_proc, single_url = start(args.plugin, config, 1, 0)
-        proc, url = start(args.plugin, config, args.max_batch, 20)
+        proc, url = start(args.plugin, config, args.max_batch, 5)
         try:
             single = RewardClient([single_url], retries=0)
             client = RewardClient([url], retries=0, max_samples_per_request=args.max_batch)

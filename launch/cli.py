@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     reward.add_argument("--port", type=int, default=8100)
     reward.add_argument("--max-batch", type=int, default=32, help="samples per model call")
-    reward.add_argument("--max-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill")
+    reward.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     reward.add_argument("--max-request-mb", type=float, default=64.0)
     reward.add_argument("--max-samples-per-request", type=int, default=256)
     reward.set_defaults(func=_serve_reward)

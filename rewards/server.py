@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServerLimits:
     max_batch: int = 32  # samples per model call
-    max_wait_ms: float = 10.0  # how long a batch may wait to fill
+    max_wait_ms: float = 5.0  # how long a batch may wait to fill; requests that queue up meanwhile join at once
     max_request_bytes: int = 64 * 2**20
     max_samples_per_request: int = 256
     max_audio_seconds: float = 60.0
@@ -61,13 +61,16 @@ class RewardServer:
             size = len(jobs[0].samples)
             deadline = loop.time() + self.limits.max_wait_ms / 1000
             while size < self.limits.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+                try:  # what queued up while the model was busy joins at once
+                    job = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self.queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
                 jobs.append(job)
                 size += len(job.samples)
             await self._run(jobs)
@@ -75,7 +78,6 @@ class RewardServer:
     async def _run(self, jobs: list[_Job]) -> None:
         samples = [s for j in jobs for s in j.samples]
         upstream = {name: [r for j in jobs for r in j.upstream[name]] for name in self.requires}
-        self.batch_sizes.append(len(samples))
         try:
             results = await asyncio.get_running_loop().run_in_executor(None, self._score, samples, upstream)
         except Exception as err:  # noqa: BLE001 -- a model failure is reported to every waiting request
@@ -91,10 +93,20 @@ class RewardServer:
             start += len(job.samples)
 
     def _score(self, samples: Sequence[Sample], upstream: dict[str, list[RewardResult]]) -> list[RewardResult]:
-        out = self.plugin.score(samples, upstream=upstream) if self.requires else self.plugin.score(samples)
-        if len(out) != len(samples):
-            raise RuntimeError(f"plugin returned {len(out)} results for {len(samples)} samples")
-        return list(out)
+        """Model calls of at most ``max_batch`` samples (one large request is split, never run whole)."""
+        results: list[RewardResult] = []
+        step = self.limits.max_batch
+        for start in range(0, len(samples), step):
+            part = samples[start:start + step]
+            if self.requires:
+                out = self.plugin.score(part, upstream={k: v[start:start + step] for k, v in upstream.items()})
+            else:
+                out = self.plugin.score(part)
+            if len(out) != len(part):
+                raise RuntimeError(f"plugin returned {len(out)} results for {len(part)} samples")
+            self.batch_sizes.append(len(part))
+            results.extend(out)
+        return results
 
     # ------------------------------------------------------------------ HTTP
     def _reply(self, request: web.Request, payload: Any, status: int = 200) -> web.Response:
