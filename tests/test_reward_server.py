@@ -94,6 +94,9 @@ def test_64_concurrent_clients_get_their_own_answers_in_order_and_batches_form(s
     info = get_json(f"{url}/info")
     assert info["plugin"] == "energy" and info["requests"] == 64
     assert info["max_batch_size_seen"] > 3 and info["batches"] < 64  # requests were gathered into batches
+    big = RewardClient([url], retries=0, max_samples_per_request=100).score([sample(0.01)] * 100)
+    assert len(big) == 100
+    assert get_json(f"{url}/info")["max_batch_size_seen"] <= 64  # one large request is split into model calls
 
 
 def test_killed_server_fails_over_then_gives_a_clear_error(servers):
