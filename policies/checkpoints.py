@@ -1,0 +1,48 @@
+"""Writing a tiny random checkpoint in the published GLM-TTS layout.
+
+Tests, the embedded CPU demo and the benchmarks load it through exactly the code a real checkpoint takes. Sizes are
+tiny (the real LM is 1.5B parameters) but names, files and formats are those of the release.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .frontend.tokenizer import build_char_tokenizer
+
+# The tiny tokenizer reads printable ASCII, common CJK punctuation and every CJK unified ideograph, one token each.
+TINY_CHARACTERS = ("".join(chr(c) for c in range(32, 127)) + "，。！？、：；“”‘’（）《》…—"
+                   + "".join(chr(c) for c in range(0x4E00, 0xA000)))
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    num_codes: int = 64
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 4
+
+
+def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phonemes_file: str | Path | None = None,
+                          seed: int = 0) -> Path:
+    """Write ``root/llm`` and ``root/vq32k-phoneme-tokenizer`` with random weights."""
+    root = Path(root)
+    phonemes: list[str] = []
+    if phonemes_file is not None:
+        table = json.loads(Path(phonemes_file).read_text(encoding="utf-8"))
+        phonemes = list(table.values() if isinstance(table, dict) else table)
+    tokenizer = build_char_tokenizer(TINY_CHARACTERS, phonemes, sizes.num_codes)
+    tokenizer.save_pretrained(root / "vq32k-phoneme-tokenizer")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.hidden, intermediate_size=sizes.hidden * 3,
+                         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
+                         num_key_value_heads=max(1, sizes.heads // 4), max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=None,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(root / "llm", safe_serialization=True)
+    return root

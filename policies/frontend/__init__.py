@@ -1,0 +1,1 @@
+"""Text front end: normalisation, long-text splitting, hybrid phoneme+text, tokenizer."""

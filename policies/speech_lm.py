@@ -1,0 +1,141 @@
+"""Stage 1 of GLM-TTS: a Llama LM that continues text + a voice prompt's speech tokens with new speech tokens.
+
+Input layout (no BOS): ``[prompt text + " ", target text, <|begin_of_audio|>, prompt speech tokens]``; the model
+then emits speech tokens until ``<|user|>``. Only speech tokens and the stop token may be drawn; the stop token is
+masked until the output has twice as many tokens as the target text, and generation stops at twenty times.
+Sampling is batched over every prompt and generation (see :mod:`sampling`), and returns the log-probs the GRPO
+trainer needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from .frontend.tokenizer import SpeechVocab, load_tokenizer
+from .sampling import RepetitionAwareSampling, Sampled, sample
+
+NUM_CODES = 32768
+
+
+@dataclass
+class TTSPrompt:
+    text: str  # what to say (normalised, possibly hybrid phoneme+text)
+    prompt_text: str  # transcript of the voice prompt
+    prompt_codes: Sequence[int]  # speech tokens of the voice prompt (0 .. num_codes-1)
+
+
+@dataclass(frozen=True)
+class LengthPolicy:
+    """Output length bounds as multiples of the target text's token count."""
+
+    min_ratio: float = 2.0
+    max_ratio: float = 20.0
+
+
+def check_loading_info(info: dict, where: str) -> None:
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
+        raise ValueError(f"{where} does not match its config: {detail}")
+
+
+class SpeechLM:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, num_codes: int = NUM_CODES,
+                 lengths: LengthPolicy = LengthPolicy()) -> None:
+        self.model, self.tokenizer, self.lengths = model, tokenizer, lengths
+        self.vocab = SpeechVocab.from_tokenizer(tokenizer, num_codes)
+        vocab_size = model.get_input_embeddings().num_embeddings
+        if self.vocab.audio_0 + num_codes > vocab_size:
+            raise ValueError(f"the LM's vocabulary ({vocab_size}) is smaller than the tokenizer's speech tokens "
+                             f"(<|audio_0|> = {self.vocab.audio_0} + {num_codes})")
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[self.vocab.audio_0:self.vocab.audio_0 + num_codes] = True
+        allowed[self.vocab.stop] = True
+        self.allowed = allowed
+
+    @classmethod
+    def from_pretrained(cls, ckpt: str | Path, *, num_codes: int = NUM_CODES, trust_remote_code: bool = False,
+                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> SpeechLM:
+        """``ckpt/llm`` (HF Llama folder) and ``ckpt/vq32k-phoneme-tokenizer``; every weight must be present."""
+        ckpt = Path(ckpt)
+        llm_dir = ckpt / "llm"
+        if not (llm_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{llm_dir}/config.json is missing: not a GLM-TTS checkpoint folder")
+        model, info = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, output_loading_info=True)
+        check_loading_info(info, f"{llm_dir} weights")
+        tokenizer = load_tokenizer(ckpt / "vq32k-phoneme-tokenizer", trust_remote_code)
+        return cls(model.to(device).eval(), tokenizer, num_codes)
+
+    # ------------------------------------------------------------------ prompt layout
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode(self, prompt: TTSPrompt) -> tuple[list[int], int]:
+        """Token ids of the prompt and the number of target-text tokens (which bounds the output length)."""
+        bad = [c for c in prompt.prompt_codes if not 0 <= c < self.vocab.num_codes]
+        if bad:
+            raise ValueError(f"prompt speech codes out of range 0..{self.vocab.num_codes - 1}: {bad[:5]}")
+        target = self._text_ids(prompt.text)
+        if not target:
+            raise ValueError("the text to synthesise is empty")
+        ids = (self._text_ids(prompt.prompt_text + " ") + target + [self.vocab.begin_of_audio]
+               + [self.vocab.audio_0 + c for c in prompt.prompt_codes])
+        return ids, len(target)
+
+    def batch(self, prompts: Sequence[TTSPrompt], num_generations: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask, each prompt repeated ``num_generations`` times, and target-text lengths."""
+        encoded = [self.encode(p) for p in prompts]
+        width = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(encoded), width), self.vocab.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (tokens, _) in enumerate(encoded):
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, width - len(tokens):] = 1
+        text_lengths = torch.tensor([n for _, n in encoded])
+        return (ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0),
+                text_lengths.repeat_interleave(num_generations, 0))
+
+    # ------------------------------------------------------------------ sampling
+    def generate(
+        self,
+        prompts: Sequence[TTSPrompt],
+        num_generations: int = 1,
+        *,
+        model: torch.nn.Module | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = 25,
+        top_p: float | None = 0.8,
+        max_new_tokens: int | None = None,
+        ras: RepetitionAwareSampling | None = RepetitionAwareSampling(),
+        synced_processes: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Sampled]:
+        """Sample speech tokens for every prompt ``num_generations`` times. ``model`` overrides the wrapped one
+        (the trainer passes its unwrapped, possibly peft or ZeRO-3 policy). Returns the prompt ids and mask (left
+        padded) and what was sampled."""
+        policy = model if model is not None else self.model
+        device = next(policy.parameters()).device
+        ids, mask, text_lengths = self.batch(prompts, num_generations)
+        max_len = (text_lengths.float() * self.lengths.max_ratio).long().clamp(min=1)
+        if max_new_tokens is not None:
+            max_len = max_len.clamp(max=max_new_tokens)
+        min_len = torch.minimum((text_lengths.float() * self.lengths.min_ratio).long(), max_len - 1).clamp(min=0)
+        out = sample(policy, ids.to(device), mask.to(device), max_new_tokens=max_len.to(device),
+                     min_new_tokens=min_len.to(device), stop_token_id=self.vocab.stop, pad_token_id=self.vocab.pad,
+                     temperature=temperature, top_k=top_k, top_p=top_p, allowed_tokens=self.allowed, ras=ras,
+                     synced_processes=synced_processes)
+        return ids.to(device), mask.to(device), out
+
+    def codes(self, sampled: Sampled) -> list[list[int]]:
+        """Speech codes per row, without the stop token and padding."""
+        rows = []
+        for tokens, mask in zip(sampled.tokens.tolist(), sampled.mask.tolist()):
+            rows.append([t - self.vocab.audio_0 for t, m in zip(tokens, mask)
+                         if m and t != self.vocab.stop])
+        return rows
+

@@ -1,0 +1,84 @@
+"""Text front end: normalisation, splitting, phoneme-in with the released G2P tables."""
+
+import json
+import random
+
+import pytest
+
+from vocalign.policies.frontend.g2p import ChineseG2P, PhonemeFrontend, syllable_phonemes
+from vocalign.policies.frontend.text import normalize_text, split_text
+
+from .conftest import SHARED
+
+DATA = SHARED / "glmtts-data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/glmtts-data is not beside the checkout")
+
+
+def test_normalisation():
+    assert normalize_text("Ｈｅｌｌｏ　ｗｏｒｌｄ，  你好！\u200b１２３") == "Hello world， 你好！123"
+
+
+def test_split_keeps_chunks_within_bounds_and_loses_nothing():
+    text = ("今天天气很好，我们一起去公园散步吧。公园里有很多花，红的、黄的、紫的，非常漂亮！"
+            "小朋友们在草地上奔跑，老人们在树下下棋。这真是一个美好的周末。")
+    chunks = split_text(text, 30, 60)
+    assert len(chunks) == 2 and all(len(c) <= 60 for c in chunks)
+    assert "".join(chunks) == text
+    english = ("This is the first sentence of a long paragraph. It keeps going with more words than one chunk can "
+               "hold, so it must be split. Short one. And the end.")
+    chunks = split_text(english, 30, 60)
+    assert all(len(c) <= 60 for c in chunks) and " ".join(chunks) == english
+    assert split_text("   ") == []
+
+
+@pytest.mark.parametrize("initial, final, expected", [
+    ("sh", "i4", ["SH", "III4"]), ("z", "i4", ["Z", "II4"]), ("r", "i4", ["R", "III4"]),
+    ("x", "ian2", ["X", "IAN2"]), ("", "van2", ["VAN2"]), ("l", "i3", ["L", "I3"]),
+])
+def test_syllable_rules(initial, final, expected):
+    assert syllable_phonemes(initial, final) == expected
+
+
+def test_g2p_reads_words_in_context():
+    g2p = ChineseG2P()
+    assert g2p.word("知识") == [["ZH", "III1"], ["SH", "III2"]]
+    assert g2p.word("银行") == [["IN2"], ["H", "ANG2"]]  # hang2 in this word, not xing2
+    assert g2p.word("行走") == [["X", "ING2"], ["Z", "OU3"]]
+    assert g2p.word("鬼") == [["G", "UEI3"]] and g2p.word("绿") == [["L", "V4"]]
+
+
+def test_user_dictionary_polyphones_become_phonemes_others_stay_text(tmp_path):
+    user = tmp_path / "mine.jsonl"
+    user.write_text(json.dumps({"银行": "<|IN2|><|H|><|ANG2|>"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"行": "<|X|><|ING2|>"}, ensure_ascii=False) + "\n")
+    phonemes = tmp_path / "phonemes.json"
+    phonemes.write_text(json.dumps(["IN2", "H", "ANG2", "X", "ING2"]))
+    frontend = PhonemeFrontend.from_files(phonemes, [user])
+    # longest match first: 银行 as a word, then the lone 行; everything else untouched, English included
+    assert frontend.convert("去银行，行不行？OK, let's go.") == (
+        "去<|IN2|><|H|><|ANG2|>，<|X|><|ING2|>不<|X|><|ING2|>？OK, let's go.")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('["not", "a", "mapping"]\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected \{word: replacement\}"):
+        PhonemeFrontend.from_files(phonemes, [bad])
+
+
+@needs_data
+def test_released_tables_rare_characters_and_replace_dict():
+    frontend = PhonemeFrontend.from_files(DATA / "G2P_all_phonemes.json", [DATA / "G2P_replace_dict.jsonl"],
+                                          DATA / "G2P_able_1word.json")
+    out = frontend.convert("乡音无改鬓毛衰。Hello world")
+    assert out == "乡音无改鬓毛<|C|><|UEI1|>。Hello world"
+    readable = set(json.loads((DATA / "G2P_able_1word.json").read_text()))
+    assert "饕" not in readable and "餮" not in readable
+    assert frontend.convert("他是老饕餮") == "他是老<|T|><|AO1|><|T|><|IE4|>"  # rare characters read by G2P
+    assert frontend.convert("是知识") == "是知识"  # readable characters stay text
+
+
+def test_training_augmentation_converts_a_share_and_never_dictionary_entries():
+    frontend = PhonemeFrontend(ChineseG2P(), {"衰": "<|C|><|UEI1|>"})
+    text = "今天天气很好我们一起去公园散步吧衰"
+    assert frontend.augment(text, random.Random(0), probability=0.0) == "今天天气很好我们一起去公园散步吧<|C|><|UEI1|>"
+    converted = frontend.convert(text, phoneme_share=0.5, rng=random.Random(3))
+    assert converted.endswith("<|C|><|UEI1|>") and "<|" in converted[:-13]
+    assert sum(ch in text for ch in converted) < len(text) - 1  # some ordinary characters became phonemes
