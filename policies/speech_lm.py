@@ -66,7 +66,9 @@ class SpeechLM:
         llm_dir = ckpt / "llm"
         if not (llm_dir / "config.json").is_file():
             raise FileNotFoundError(f"{llm_dir}/config.json is missing: not a GLM-TTS checkpoint folder")
-        model, info = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, output_loading_info=True)
+        # mismatches are collected (not raised by transformers without the key names) and refused below
+        model, info = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dtype, output_loading_info=True,
+                                                       ignore_mismatched_sizes=True)
         check_loading_info(info, f"{llm_dir} weights")
         tokenizer = load_tokenizer(ckpt / "vq32k-phoneme-tokenizer", trust_remote_code)
         return cls(model.to(device).eval(), tokenizer, num_codes)

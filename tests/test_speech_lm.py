@@ -1,0 +1,88 @@
+"""The speech LM on a tiny checkpoint in the published layout: loading, prompt layout, sampling bounds, log-probs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vocalign.policies.checkpoints import TinySizes, write_tiny_checkpoint
+from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
+from vocalign.rlhf.loss import completion_logps
+
+from .conftest import SHARED
+
+PHONEMES = SHARED / "glmtts-data" / "G2P_all_phonemes.json"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return write_tiny_checkpoint(root, TinySizes(num_codes=64), PHONEMES if PHONEMES.is_file() else None)
+
+
+def test_prompt_layout(ckpt):
+    lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
+    ids, n_text = lm.encode(TTSPrompt("你好", "hi", [3, 5]))
+    tok = lm.tokenizer
+    expected = (tok("hi ", add_special_tokens=False).input_ids + tok("你好", add_special_tokens=False).input_ids
+                + [lm.vocab.begin_of_audio, lm.vocab.audio_0 + 3, lm.vocab.audio_0 + 5])
+    assert ids == expected and n_text == 2
+    assert tok.convert_ids_to_tokens(ids)[-3:] == ["<|begin_of_audio|>", "<|audio_3|>", "<|audio_5|>"]
+    with pytest.raises(ValueError, match="out of range"):
+        lm.encode(TTSPrompt("你好", "hi", [64]))
+    with pytest.raises(ValueError, match="empty"):
+        lm.encode(TTSPrompt("", "hi", [1]))
+
+
+def test_missing_or_mismatched_weights_name_the_file_and_key(ckpt, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    weights = load_file(str(broken / "llm" / "model.safetensors"))
+    weights.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(weights, str(broken / "llm" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"llm weights does not match its config: missing keys: "
+                                         r"\['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
+        SpeechLM.from_pretrained(broken, num_codes=64)
+    config = json.loads((ckpt / "llm" / "config.json").read_text())
+    config["vocab_size"] = 100
+    (broken / "llm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mismatched keys: \[.*model\.embed_tokens\.weight"):
+        SpeechLM.from_pretrained(broken, num_codes=64)
+
+
+def test_sampling_obeys_text_length_bounds_and_emits_only_speech(ckpt):
+    lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
+    prompts = [TTSPrompt("今天天气很好", "你好", [1, 2, 3]), TTSPrompt("hi", "hello there", [4])]
+    torch.manual_seed(0)
+    _, _, out = lm.generate(prompts, num_generations=4, temperature=1.5, top_k=None, top_p=None)
+    lengths = out.mask.sum(-1)
+    text_lengths = torch.tensor([6] * 4 + [2] * 4)
+    assert (lengths >= 2 * text_lengths).all() and (lengths <= 20 * text_lengths).all()
+    drawn = out.tokens[out.mask.bool()]
+    speech = (drawn >= lm.vocab.audio_0) & (drawn < lm.vocab.audio_0 + 64)
+    assert (speech | (drawn == lm.vocab.stop)).all()
+    for row, codes in enumerate(lm.codes(out)):
+        assert len(codes) == lengths[row] - int(out.stopped[row]) and all(0 <= c < 64 for c in codes)
+
+
+def test_sampled_logps_equal_a_fresh_forward(ckpt):
+    lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
+    torch.manual_seed(1)
+    ids, mask, out = lm.generate([TTSPrompt("你好世界", "嗨", [1, 2]), TTSPrompt("hello", "a much longer prompt", [3])],
+                                 num_generations=2, temperature=0.8, max_new_tokens=12)
+    fresh = completion_logps(lm.model, torch.cat([ids, out.tokens], 1), torch.cat([mask, out.mask], 1),
+                             out.tokens.shape[1], 0.8)
+    torch.testing.assert_close(fresh * out.mask, out.logps, atol=1e-5, rtol=1e-4)
+
+
+def test_works_with_a_peft_adapter(ckpt):
+    from peft import LoraConfig, get_peft_model
+
+    lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
+    adapted = get_peft_model(lm.model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(2)
+    _, _, out = lm.generate([TTSPrompt("你好", "嗨", [1])], num_generations=2, model=adapted, max_new_tokens=8)
+    assert out.tokens.shape[0] == 2 and out.mask.sum() > 0
