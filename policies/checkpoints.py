@@ -7,12 +7,14 @@ tiny (the real LM is 1.5B parameters) but names, files and formats are those of 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .flow import FlowConfig, FlowMatching
 from .frontend.tokenizer import build_char_tokenizer
 
 # The tiny tokenizer reads printable ASCII, common CJK punctuation and every CJK unified ideograph, one token each.
@@ -26,11 +28,14 @@ class TinySizes:
     hidden: int = 32
     layers: int = 2
     heads: int = 4
+    flow_dim: int = 64
+    flow_depth: int = 2
+    flow_token_dim: int = 32
 
 
 def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phonemes_file: str | Path | None = None,
                           seed: int = 0) -> Path:
-    """Write ``root/llm`` and ``root/vq32k-phoneme-tokenizer`` with random weights."""
+    """Write ``llm/``, ``vq32k-phoneme-tokenizer/`` and ``flow/`` (config.yaml, flow.pt) with random weights."""
     root = Path(root)
     phonemes: list[str] = []
     if phonemes_file is not None:
@@ -45,4 +50,13 @@ def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phon
                          rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=None,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(root / "llm", safe_serialization=True)
+    write_flow(root / "flow", FlowConfig(vocab_size=sizes.num_codes, speech_token_dim=sizes.flow_token_dim,
+                                         trans_dim=sizes.flow_dim, depth=sizes.flow_depth, heads=2, dim_head=32,
+                                         conv_layers=2))
     return root
+
+
+def write_flow(folder: Path, cfg: FlowConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"flow": asdict(cfg)}, sort_keys=False))
+    torch.save(FlowMatching(cfg).state_dict(), folder / "flow.pt")
