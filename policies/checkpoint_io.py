@@ -7,6 +7,17 @@ from pathlib import Path
 import torch
 
 
+def _modern_weight_norm_name(key: str, expected: dict) -> str:
+    """Checkpoints written with the old ``torch.nn.utils.weight_norm`` name its parts ``weight_g``/``weight_v``;
+    the parametrized modules of current torch expect ``parametrizations.weight.original0``/``original1``."""
+    for old, new in (("weight_g", "original0"), ("weight_v", "original1")):
+        if key.endswith("." + old):
+            modern = key[: -len(old)] + "parametrizations.weight." + new
+            if modern in expected:
+                return modern
+    return key
+
+
 def load_torch_state(module: torch.nn.Module, path: str | Path, ignore: tuple[str, ...] = ()) -> None:
     """Load ``path`` (a state dict, or a dict holding one under ``"model"`` or ``"state_dict"``) into ``module``.
 
@@ -22,6 +33,7 @@ def load_torch_state(module: torch.nn.Module, path: str | Path, ignore: tuple[st
             state = state[wrapper]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(ignore)}
     expected = module.state_dict()
+    state = {_modern_weight_norm_name(k, expected): v for k, v in state.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

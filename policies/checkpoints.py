@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .flow import FlowConfig, FlowMatching
 from .frontend.tokenizer import build_char_tokenizer
+from .vocoder import HiFT, HiFTConfig
 
 # The tiny tokenizer reads printable ASCII, common CJK punctuation and every CJK unified ideograph, one token each.
 TINY_CHARACTERS = ("".join(chr(c) for c in range(32, 127)) + "，。！？、：；“”‘’（）《》…—"
@@ -31,11 +32,14 @@ class TinySizes:
     flow_dim: int = 64
     flow_depth: int = 2
     flow_token_dim: int = 32
+    hift_channels: int = 32
 
 
 def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phonemes_file: str | Path | None = None,
                           seed: int = 0) -> Path:
-    """Write ``llm/``, ``vq32k-phoneme-tokenizer/`` and ``flow/`` (config.yaml, flow.pt) with random weights."""
+    """Write ``llm/``, ``vq32k-phoneme-tokenizer/``, ``flow/`` (config.yaml, flow.pt) and ``hift/hift.pt`` with
+    random weights. The release has no HiFT config (its sizes are CosyVoice 2's); the tiny one adds
+    ``hift/config.yaml`` with its smaller widths."""
     root = Path(root)
     phonemes: list[str] = []
     if phonemes_file is not None:
@@ -53,6 +57,11 @@ def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phon
     write_flow(root / "flow", FlowConfig(vocab_size=sizes.num_codes, speech_token_dim=sizes.flow_token_dim,
                                          trans_dim=sizes.flow_dim, depth=sizes.flow_depth, heads=2, dim_head=32,
                                          conv_layers=2))
+    hift = HiFTConfig(base_channels=sizes.hift_channels * 4, f0_channels=sizes.hift_channels)
+    (root / "hift").mkdir(exist_ok=True)
+    (root / "hift" / "config.yaml").write_text(yaml.safe_dump(
+        {"base_channels": hift.base_channels, "f0_channels": hift.f0_channels}))
+    torch.save(HiFT(hift).state_dict(), root / "hift" / "hift.pt")
     return root
 
 

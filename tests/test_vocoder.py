@@ -1,0 +1,48 @@
+"""HiFT: the released layout loads (legacy weight-norm names included), 480 samples per frame, bounded output."""
+
+import pytest
+import torch
+
+from vocalign.policies.checkpoints import write_tiny_checkpoint
+from vocalign.policies.vocoder import HiFT, HiFTConfig
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def test_tiny_hift_loads_and_makes_24k_audio(ckpt):
+    hift = HiFT.from_pretrained(ckpt / "hift")
+    torch.manual_seed(0)
+    audio = hift(torch.randn(2, 80, 25) - 5)
+    assert audio.shape == (2, 25 * 480) and audio.abs().max() <= 0.99 and torch.isfinite(audio).all()
+
+
+def test_legacy_weight_norm_names_load(ckpt, tmp_path):
+    """Checkpoints saved with torch.nn.utils.weight_norm name the parts weight_g / weight_v."""
+    hift = HiFT.from_pretrained(ckpt / "hift")
+    legacy = {}
+    for key, value in hift.state_dict().items():
+        key = key.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v")
+        legacy[key] = value
+    folder = tmp_path / "hift"
+    folder.mkdir()
+    (folder / "config.yaml").write_text((ckpt / "hift" / "config.yaml").read_text())
+    torch.save(legacy, folder / "hift.pt")
+    reloaded = HiFT.from_pretrained(folder)
+    for (k, a), b in zip(hift.state_dict().items(), reloaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_default_sizes_are_cosyvoice2_and_missing_keys_are_named(tmp_path):
+    cfg = HiFTConfig()
+    assert cfg.samples_per_frame == 480 and cfg.sampling_rate == 24000
+    small = HiFT(HiFTConfig(base_channels=64, f0_channels=16))
+    state = small.state_dict()
+    state.pop("f0_predictor.classifier.weight")
+    (tmp_path / "config.yaml").write_text("base_channels: 64\nf0_channels: 16\n")
+    torch.save(state, tmp_path / "hift.pt")
+    with pytest.raises(ValueError, match=r"hift\.pt does not match the model: missing keys \['f0_predictor\.classifier\.weight'\]"):
+        HiFT.from_pretrained(tmp_path)
