@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor
 
 from .flow import FlowConfig, FlowMatching
 from .frontend.tokenizer import build_char_tokenizer
+from .speaker import write_tiny_campplus
+from .speech_tokenizer import WhisperVQEncoder
 from .vocoder import HiFT, HiFTConfig
 
 # The tiny tokenizer reads printable ASCII, common CJK punctuation and every CJK unified ideograph, one token each.
@@ -37,9 +40,9 @@ class TinySizes:
 
 def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phonemes_file: str | Path | None = None,
                           seed: int = 0) -> Path:
-    """Write ``llm/``, ``vq32k-phoneme-tokenizer/``, ``flow/`` (config.yaml, flow.pt) and ``hift/hift.pt`` with
-    random weights. The release has no HiFT config (its sizes are CosyVoice 2's); the tiny one adds
-    ``hift/config.yaml`` with its smaller widths."""
+    """Write ``llm/``, ``vq32k-phoneme-tokenizer/``, ``speech_tokenizer/``, ``flow/`` (config.yaml, flow.pt),
+    ``hift/hift.pt`` and ``frontend/campplus.onnx`` with random weights. The release has no HiFT config (its
+    sizes are CosyVoice 2's); the tiny one adds ``hift/config.yaml`` with its smaller widths."""
     root = Path(root)
     phonemes: list[str] = []
     if phonemes_file is not None:
@@ -62,8 +65,21 @@ def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phon
     (root / "hift" / "config.yaml").write_text(yaml.safe_dump(
         {"base_channels": hift.base_channels, "f0_channels": hift.f0_channels}))
     torch.save(HiFT(hift).state_dict(), root / "hift" / "hift.pt")
+    write_speech_tokenizer(root / "speech_tokenizer", sizes.num_codes)
+    write_tiny_campplus(root / "frontend" / "campplus.onnx", seed=seed)
     return root
 
+
+def write_speech_tokenizer(folder: Path, num_codes: int, width: int = 32) -> None:
+    """A two-layer Whisper-VQ encoder at 25 Hz (pool 2 after layer 1, quantise after layer 2)."""
+    config = WhisperConfig(d_model=width, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=width * 2,
+                           num_mel_bins=128, max_source_positions=1500, pooling_kernel_size=2, pooling_type="avg",
+                           pooling_position=1, quantize_position=2, quantize_vocab_size=num_codes,
+                           quantize_encoder_only=True, quantize_causal_block_size=200)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.to_json_file(str(folder / "config.json"))
+    save_file(WhisperVQEncoder(config).state_dict(), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(str(folder))
 
 def write_flow(folder: Path, cfg: FlowConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)

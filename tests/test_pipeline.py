@@ -1,0 +1,70 @@
+"""End to end on the tiny checkpoint in the published layout: `vocalign synth`, offline and streaming."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from vocalign.policies.checkpoints import write_tiny_checkpoint
+from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def prompt_wav(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wav") / "prompt.wav"
+    t = np.arange(int(2.0 * 22050)) / 22050
+    sf.write(path, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 22050)
+    return path
+
+
+def test_synth_cli_writes_a_24k_wav_of_the_token_length(ckpt, prompt_wav, tmp_path):
+    out = tmp_path / "out.wav"
+    result = subprocess.run([sys.executable, "-m", "vocalign.launch.cli", "synth", "--ckpt", str(ckpt),
+                             "--text", "今天天气很好。", "--prompt-wav", str(prompt_wav), "--prompt-text", "你好",
+                             "--out", str(out), "--seed", "0", "--flow-steps", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    audio, rate = sf.read(out)
+    assert rate == 24000
+    # speech tokens at 25 Hz, 960 samples each; the LM emits between 2x and 20x the text's 7 tokens
+    assert len(audio) % 960 == 0 and 14 * 960 <= len(audio) <= 140 * 960
+    assert "synth" in result.stderr  # the progress bar
+
+
+def test_streaming_matches_offline_length_and_emits_before_the_end(ckpt, prompt_wav):
+    pipeline = TTSPipeline.from_pretrained(ckpt)
+    audio, rate = sf.read(prompt_wav, dtype="float32")
+    prompt = pipeline.prepare_prompt(audio, rate, "你好")
+    assert len(prompt.mel) == 2 * len(prompt.codes)
+    settings = SynthesisSettings(flow_steps=2, max_new_tokens=120)
+    text = "今天天气很好，我们去公园散步吧。"
+    torch.manual_seed(3)
+    offline = pipeline.synthesize(text, prompt, settings)
+    torch.manual_seed(3)
+    pieces = list(pipeline.stream(text, prompt, settings, blocks=(25, 50, 200), lookahead=(12, 25, 100)))
+    assert len(pieces) >= 2 and sum(len(p) for p in pieces) == len(offline)
+    assert len(pieces[0]) < len(offline)  # the first piece came before the whole utterance was done
+
+
+def test_batched_codes_to_audio_handles_empty_and_mixed_lengths(ckpt, prompt_wav):
+    pipeline = TTSPipeline.from_pretrained(ckpt)
+    audio, rate = sf.read(prompt_wav, dtype="float32")
+    prompt = pipeline.prepare_prompt(audio, rate, "你好")
+    out = pipeline.codes_to_audio([[1, 2, 3], [], list(range(40))], [prompt] * 3, flow_steps=2)
+    assert [len(a) for a in out] == [3 * 960, 0, 40 * 960]
+
+
+def test_bad_prompt_audio_is_refused(ckpt):
+    pipeline = TTSPipeline.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match="prompt audio contains NaN"):
+        pipeline.prepare_prompt(np.full(24000, np.nan, np.float32), 24000, "x")
