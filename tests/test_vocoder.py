@@ -46,3 +46,32 @@ def test_default_sizes_are_cosyvoice2_and_missing_keys_are_named(tmp_path):
     torch.save(state, tmp_path / "hift.pt")
     with pytest.raises(ValueError, match=r"hift\.pt does not match the model: missing keys \['f0_predictor\.classifier\.weight'\]"):
         HiFT.from_pretrained(tmp_path)
+
+
+def test_vocos2d_architecture_shapes_and_gradients():
+    from vocalign.policies.vocos2d import Vocos2D, Vocos2DConfig
+
+    model = Vocos2D(Vocos2DConfig(channels=8, depth=2, n_fft=256, hop=64))
+    mel = torch.randn(2, 80, 12, requires_grad=True)
+    audio = model(mel)
+    assert audio.shape == (2, 12 * 64) and torch.isfinite(audio).all()
+    audio.abs().mean().backward()
+    # every block sees the input mel through its shortcut, and every frequency has its own embedding
+    assert model.blocks[0].mel_shortcut.weight.grad is not None and model.freq_embedding.grad.abs().sum() > 0
+    assert mel.grad.abs().sum() > 0
+
+
+def test_vocos2d_torchscript_loader_feeds_offset_time_major_mel(tmp_path):
+    from vocalign.policies.vocos2d import MEL_LOGDIFF, Vocos2DTorchScript
+
+    class RecordingGenerator(torch.nn.Module):
+        """Test double for the released generator: returns the mean of what it was given, per frame."""
+
+        def forward(self, x):
+            return x.mean(-1)
+
+    torch.jit.script(RecordingGenerator()).save(str(tmp_path / "generator_jit.ckpt"))
+    vocoder = Vocos2DTorchScript(tmp_path / "generator_jit.ckpt")
+    mel = torch.zeros(1, 80, 5)
+    torch.testing.assert_close(vocoder(mel), torch.full((1, 5), MEL_LOGDIFF))
+    assert vocoder(torch.zeros(1, 80, 1)).shape == (1, 2)
