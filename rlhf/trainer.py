@@ -230,6 +230,11 @@ class GRPOTrainer:
             "schedule/temperature": hp.temperature, "lr": self.lr_scheduler.get_last_lr()[0],
             "time/rollout_s": t_rollout, "time/update_s": t_update,
         })
+        # environments and scorers may report their own figures (stage timings, reward-server failures)
+        metrics.update(getattr(self.env, "last_timings", {}))
+        scorer_metrics = getattr(self.scorer, "metrics", None)
+        if callable(scorer_metrics):
+            metrics.update(scorer_metrics())
         return metrics
 
     # ------------------------------------------------------------------ rollouts and rewards
