@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.resources import files
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -61,6 +62,23 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from vocalign.eval.seed_tts_eval import evaluate, read_list
+    from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.rlhf.config import load_yaml_list
+    from vocalign.rlhf.tts_env import build_plugin
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    plugins = [build_plugin(spec) for spec in load_yaml_list(args.rewards)]
+    pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code)
+    _, means = evaluate(pipeline, read_list(args.list), plugins, args.out, SynthesisSettings(flow_steps=args.flow_steps))
+    logging.getLogger("vocalign").info("means: %s; report: %s/report.md", means, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vocalign", description="GRPO alignment for LLM-based TTS")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -98,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--trust-remote-code", action="store_true",
                        help="run the tokenizer code shipped in the checkpoint (the released tokenizer needs it)")
     synth.set_defaults(func=_synth)
+
+    ev = sub.add_parser("eval", help="seed-tts-eval-style CER/WER, SIM (and emotion accuracy) of a checkpoint")
+    ev.add_argument("--ckpt", required=True)
+    ev.add_argument("--list", required=True, help="utt|prompt_text|prompt_wav|text[|emotion] per line")
+    ev.add_argument("--out", required=True, help="folder for wavs, results.csv, summary.json, report.md")
+    ev.add_argument("--rewards", default=str(files("vocalign.configs") / "rewards" / "eval_cpu.yaml"),
+                    help="YAML list of scoring plugins (default: offline pocketsphinx CER + resemblyzer SIM)")
+    ev.add_argument("--flow-steps", type=int, default=10)
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.set_defaults(func=_eval)
     return parser
 
 

@@ -173,5 +173,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_yaml_list(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    data = yaml.safe_load(path.read_text()) or []
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise ValueError(f"{path} must hold a YAML list of mappings")
+    return data
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
