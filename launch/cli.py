@@ -79,6 +79,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from vocalign.launch.sweep import run_sweep
+
+    out = run_sweep(args.sweep)
+    logging.getLogger("vocalign").info("results: %s/results.md  plot: %s/reward_curves.png", out, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vocalign", description="GRPO alignment for LLM-based TTS")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -127,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int)
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.set_defaults(func=_eval)
+
+    sweep = sub.add_parser("sweep", help="run a grid of recipe overrides; writes a results table and reward curves")
+    sweep.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/demo_2x2.yaml")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 

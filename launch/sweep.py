@@ -1,0 +1,94 @@
+"""Reward-ablation sweeps: run a grid of recipe overrides and tabulate the results like the report's tables.
+
+A sweep file names a base recipe, overrides applied to every run, and a grid of ``section.key: [values]``. Every
+combination runs as its own ``vocalign train`` process (so each has a clean accelerate state and can be killed and
+resumed on its own: a finished run is not run again). The table has one row per run: its grid values and the mean
+of each reward over the last ``summary_steps`` steps; a PNG overlays every run's reward curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vocalign.eval.plots import plot_reward_curves, read_metrics
+from vocalign.rlhf.config import load_yaml
+
+logger = logging.getLogger(__name__)
+
+
+def grid_runs(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError("sweep `grid` must map dotted keys to non-empty lists of values")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _short(key: str) -> str:
+    """``trainer.reward_weights.sim`` -> ``reward_weights.sim``: unique, and never a reward's own column name."""
+    return key.split(".", 1)[1] if key.startswith(("trainer.", "env.")) else key
+
+
+def run_name(values: dict[str, Any]) -> str:
+    return ",".join(f"{_short(key)}={value}" for key, value in values.items())
+
+
+def summary_row(name: str, values: dict[str, Any], metrics: list[dict[str, float]], last: int) -> dict[str, Any]:
+    tail = metrics[-last:]
+    keys = sorted({k for m in tail for k in m if k.startswith("rewards/") and k.endswith("/mean")})
+    row: dict[str, Any] = {"run": name, **{_short(k): v for k, v in values.items()}}
+    for key in ["reward/mean", *keys]:
+        points = [m[key] for m in tail if key in m]
+        row[key.removeprefix("rewards/").removesuffix("/mean")] = sum(points) / len(points) if points else None
+    return row
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def run_sweep(path: str | Path) -> Path:
+    path = Path(path)
+    spec = load_yaml(path)
+    unknown = sorted(set(spec) - {"base", "output_dir", "overrides", "grid", "summary_steps"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sweep keys {unknown}")
+    base = (path.parent / spec["base"]).resolve()
+    out = Path(spec.get("output_dir", f"runs/sweep_{path.stem}"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    rows, curves = [], {}
+    for values in grid_runs(spec.get("grid") or {}):
+        name = run_name(values)
+        run_dir = out / name.replace("=", "_").replace(",", "__").replace(".", "-")
+        if not (run_dir / "final").is_dir():
+            cmd = [sys.executable, "-m", "vocalign.launch.cli", "train", str(base)]
+            for item in [*spec.get("overrides", []), *(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                                                       for k, v in values.items()),
+                         f"trainer.output_dir={run_dir}", f"trainer.run_name={name}"]:
+                cmd += ["--set", item]
+            logger.info("sweep run %s", name)
+            subprocess.run(cmd, check=True)
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        curves[name] = metrics
+        rows.append(summary_row(name, values, metrics, int(spec.get("summary_steps", 5))))
+    write_table(rows, out)
+    plot_reward_curves(curves, out / "reward_curves.png")
+    return out
