@@ -48,7 +48,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code)
+    pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code, adapter=args.adapter)
     audio, rate = sf.read(args.prompt_wav, dtype="float32", always_2d=True)
     prompt = pipeline.prepare_prompt(audio.mean(axis=1), rate, args.prompt_text)
     settings = SynthesisSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -84,6 +84,25 @@ def _sweep(args: argparse.Namespace) -> int:
 
     out = run_sweep(args.sweep)
     logging.getLogger("vocalign").info("results: %s/results.md  plot: %s/reward_curves.png", out, out)
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vocalign.rlhf.sft import load_sft_config, train_voice
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like epochs=3")
+        overrides[key] = yaml.safe_load(value)
+    summary = train_voice(load_sft_config(args.config, overrides))
+    logging.getLogger("vocalign").info("adapter: %s (%.1f%% of parameters trained; loss %.3f -> %.3f)",
+                                       summary["adapter"],
+                                       100 * summary["trainable_parameters"] / summary["total_parameters"],
+                                       summary["first_loss"], summary["last_loss"])
     return 0
 
 
@@ -123,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int)
     synth.add_argument("--trust-remote-code", action="store_true",
                        help="run the tokenizer code shipped in the checkpoint (the released tokenizer needs it)")
+    synth.add_argument("--adapter", help="a LoRA voice adapter folder from `vocalign sft`")
     synth.set_defaults(func=_synth)
 
     ev = sub.add_parser("eval", help="seed-tts-eval-style CER/WER, SIM (and emotion accuracy) of a checkpoint")
@@ -139,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a grid of recipe overrides; writes a results table and reward curves")
     sweep.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/demo_2x2.yaml")
     sweep.set_defaults(func=_sweep)
+
+    sft = sub.add_parser("sft", help="LoRA voice customisation of the speech LM on one speaker's recordings")
+    sft.add_argument("config", help="SFT YAML, e.g. configs/lora_voice.yaml")
+    sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sft.set_defaults(func=_sft)
     return parser
 
 

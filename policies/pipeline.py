@@ -56,15 +56,21 @@ class TTSPipeline:
 
     @classmethod
     def from_pretrained(cls, ckpt: str | Path, *, num_codes: int | None = None, trust_remote_code: bool = False,
-                        phonemes: PhonemeFrontend | None = None, device: str = "cpu") -> TTSPipeline:
-        """The published ``ckpt/`` layout: llm, vq32k-phoneme-tokenizer, speech_tokenizer, flow, hift, frontend."""
+                        phonemes: PhonemeFrontend | None = None, adapter: str | Path | None = None,
+                        device: str = "cpu") -> TTSPipeline:
+        """The published ``ckpt/`` layout: llm, vq32k-phoneme-tokenizer, speech_tokenizer, flow, hift, frontend.
+        ``adapter``: a peft LoRA folder (a custom voice), merged into the speech LM."""
         ckpt = Path(ckpt)
         if not ckpt.is_dir():
             raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
         tokenizer = SpeechTokenizer.from_pretrained(ckpt / "speech_tokenizer", device)
         codes = num_codes or tokenizer.encoder.config.quantize_vocab_size
-        return cls(SpeechLM.from_pretrained(ckpt, num_codes=codes, trust_remote_code=trust_remote_code, device=device),
-                   FlowMatching.from_pretrained(ckpt / "flow", device), HiFT.from_pretrained(ckpt / "hift", device),
+        lm = SpeechLM.from_pretrained(ckpt, num_codes=codes, trust_remote_code=trust_remote_code, device=device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            lm.model = PeftModel.from_pretrained(lm.model, str(adapter)).merge_and_unload().eval()
+        return cls(lm, FlowMatching.from_pretrained(ckpt / "flow", device), HiFT.from_pretrained(ckpt / "hift", device),
                    tokenizer, CampPlus(ckpt / "frontend" / "campplus.onnx"), phonemes)
 
     # ------------------------------------------------------------------ inputs
