@@ -112,6 +112,7 @@ class GRPOTrainer:
         self.output_dir = Path(config.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.wandb_id: str | None = None
+        self.last_rollouts: Rollouts | None = None
 
     # ------------------------------------------------------------------ setup helpers
     def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -201,6 +202,7 @@ class GRPOTrainer:
                                   cfg.min_completion_length)
         t0 = time.perf_counter()
         rollouts, rewards, rounds, still_flat = self.generate_and_score(prompts, sampling)
+        self.last_rollouts = rollouts
         t_rollout = time.perf_counter() - t0
 
         # advantages over the whole batch: gather every process's rewards, compute, keep our slice
@@ -381,10 +383,27 @@ class GRPOTrainer:
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.config.report_to == "wandb":
-            self.accelerator.log(metrics, step=step)
+            self.accelerator.log({**metrics, **self._completion_table()}, step=step)
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def _completion_table(self) -> dict[str, Any]:
+        """A few samples for wandb: a table of text, rewards and transcripts, and the audio with the same as
+        captions, when the scorer can describe its samples; empty otherwise."""
+        rows_for = getattr(self.scorer, "sample_rows", None)
+        if not (callable(rows_for) and self.config.log_completions and self.accelerator.is_main_process):
+            return {}
+        import wandb
+
+        rows = rows_for(self.last_rollouts, self.config.log_completions)
+        if not rows:
+            return {}
+        columns = [k for k in rows[0] if k not in ("audio", "sample_rate")]
+        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        clips = [wandb.Audio(row["audio"], sample_rate=row["sample_rate"],
+                             caption=" | ".join(f"{c}: {row.get(c)}" for c in columns)) for row in rows]
+        return {"completions": table, "completions/audio": clips}
 
     def save(self) -> Path:
         state = {"lr_scheduler": self.lr_scheduler.state_dict(), "wandb_id": self.wandb_id}

@@ -119,6 +119,18 @@ class RewardScorer:
         self._timing = time.perf_counter() - t0
         return {name: [r.value for r in results] for name, results in self.last_results.items()}
 
+    def sample_rows(self, rollouts: Rollouts, n: int) -> list[dict[str, Any]]:
+        """The first ``n`` samples of the last scored batch, for a table of audio, text, rewards and transcripts."""
+        rows = []
+        for i, extra in enumerate(rollouts.extras[:n]):
+            row: dict[str, Any] = {"audio": extra["audio"], "sample_rate": extra["sample_rate"], "text": extra["text"]}
+            for name, results in self.last_results.items():
+                row[name] = results[i].value
+                if "transcript" in results[i].info:
+                    row["transcript"] = results[i].info["transcript"]
+            rows.append(row)
+        return rows
+
     def metrics(self) -> dict[str, float]:
         out = {"time/rewards_s": self._timing}
         for plugin in self.plugins:

@@ -64,3 +64,16 @@ def test_demo_recipe_in_process_rewards(tmp_path):
     assert len(history) == 1 and 0 < history[0]["rewards/cer/mean"] <= 1
     assert (tmp_path / "tiny-ckpt" / "llm" / "model.safetensors").is_file()
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_wandb_offline_run_logs_audio_completions(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run, config = load_recipe(REPO / "configs" / "grpo_demo_cpu.yaml",
+                              [f"trainer.output_dir={tmp_path}", "trainer.max_steps=1", "trainer.report_to=wandb",
+                               "env.flow_steps=1", "trainer.log_completions=2", "trainer.max_completion_length=20"])
+    trainer = GRPOTrainer(run.model, run.env, run.scorer, run.prompts, config)
+    trainer.train()
+    rows = run.scorer.sample_rows(trainer.last_rollouts, 2)
+    assert len(rows) == 2 and {"audio", "text", "cer", "sim", "energy", "transcript"} <= set(rows[0])
+    media = list((tmp_path / "wandb").rglob("*.wav"))
+    assert len(media) == 2  # the two audio samples went into the offline run

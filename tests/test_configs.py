@@ -1,0 +1,32 @@
+"""Every shipped recipe parses: trainer keys are known, env and reward sections are well-formed."""
+
+import pytest
+
+from vocalign.rlhf.config import GRPOConfig, from_dict, load_yaml, load_yaml_list
+from vocalign.rlhf.sft import load_sft_config
+
+from .conftest import REPO
+
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "lora_voice.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_trainer_section_is_valid(path):
+    recipe = load_yaml(path)
+    assert set(recipe) <= {"env", "trainer", "rewards"} and recipe["env"]["name"] in {"toy", "glmtts"}
+    config = from_dict(GRPOConfig, recipe["trainer"], "trainer")
+    if recipe.get("rewards"):
+        names = [r["name"] for r in recipe["rewards"]]
+        assert set(config.reward_weights) <= set(names)
+
+
+def test_published_recipe_values():
+    config = from_dict(GRPOConfig, load_yaml(REPO / "configs" / "grpo_glmtts.yaml")["trainer"])
+    assert (config.num_generations, config.learning_rate, config.adam_beta1, config.adam_beta2) == (8, 1e-6, 0.9, 0.95)
+    assert config.schedule.epsilon == (0.2, 0.3) and config.schedule.epsilon_high == (0.3, 0.5)
+    assert config.reward_weights == {"cer": 1.0, "sim": 0.1} and config.loss_type == "token_mean"
+
+
+def test_reward_lists_and_sft_config_parse():
+    assert [r["name"] for r in load_yaml_list(REPO / "configs" / "rewards" / "eval_cpu.yaml")] == ["cer", "sim"]
+    assert load_sft_config(REPO / "configs" / "lora_voice.yaml").lora.r == 8
