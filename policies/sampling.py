@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import itertools
+
 import torch
 import torch.distributed as dist
 from transformers import DynamicCache
@@ -106,7 +108,9 @@ def sample(
     tokens, logps, masks = [], [], []
     finished = max_len <= 0
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
-    for t in range(steps):
+    for t in itertools.count():
+        if t >= steps and not synced_processes:
+            break
         logits = out.logits[:, -1, :].float() / temperature
         full_logp = logits.log_softmax(-1)
         drawable = logits
@@ -143,4 +147,6 @@ def sample(
     if not tokens:
         empty = torch.zeros(n, 0, dtype=torch.long, device=device)
         return Sampled(empty, empty.clone(), empty.float(), stopped)
-    return Sampled(torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logps, 1), stopped)
+    mask = torch.stack(masks, 1)
+    width = int(mask.sum(-1).max().item()) if n else 0  # steps taken only to keep other processes company
+    return Sampled(torch.stack(tokens, 1)[:, :width], mask[:, :width], torch.stack(logps, 1)[:, :width], stopped)
