@@ -22,6 +22,8 @@ from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
+from .checkpoint_io import load_strict
+
 SAMPLE_RATE = 16000
 SEGMENT_SECONDS = 30
 
@@ -128,17 +130,7 @@ class SpeechTokenizer:
         state: dict[str, torch.Tensor] = {}
         for file in files:
             state.update(load_file(str(file)))
-        state = {k.removeprefix("encoder."): v for k, v in state.items()}
-        expected = encoder.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{folder} weights do not match config.json: missing keys {missing[:5]}, "
-                             f"unexpected keys {unexpected[:5]}")
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(f"{folder}: key {key!r} has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(expected[key].shape)}")
-        encoder.load_state_dict(state)
+        load_strict(encoder, {k.removeprefix("encoder."): v for k, v in state.items()}, files[0])
         return cls(encoder, WhisperFeatureExtractor.from_pretrained(str(folder)), device)
 
     def __call__(self, audios: Sequence[np.ndarray]) -> list[list[int]]:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vocalign.policies.checkpoint_io import load_strict, read_state_dict
+
 UPSTREAM_PREFIX = "feature_extract.model."
 # Pre-training leftovers present in some checkpoints; the verifier never uses them.
 _UNUSED_UPSTREAM = ("label_embs_concat", "final_proj.", "quantizer.", "project_q.")
@@ -159,8 +161,7 @@ class EcapaWavLM(nn.Module):
 
     def load_published(self, checkpoint: str | Path) -> None:
         """Load ``wavlm_large_finetune.pth``; a missing, unknown or misshapen key names the file and the key."""
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
+        state = read_state_dict(checkpoint)
         converted: dict[str, torch.Tensor] = {}
         for key, value in state.items():
             if key.startswith(UPSTREAM_PREFIX):
@@ -172,17 +173,7 @@ class EcapaWavLM(nn.Module):
                     converted["wavlm." + name] = value
             else:
                 converted[key] = value
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(converted))
-        unexpected = sorted(set(converted) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{checkpoint} does not match the ECAPA-WavLM layout: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        for key, value in converted.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(f"{checkpoint}: key {key!r} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(expected[key].shape)}")
-        self.load_state_dict(converted, strict=True)
+        load_strict(self, converted, checkpoint)
 
 
 def wavlm_large_config():

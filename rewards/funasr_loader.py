@@ -3,8 +3,8 @@
 A published FunASR folder holds ``config.yaml`` (component names and their settings), ``model.pt`` (state dict)
 and the files the config names (``tokens.json``/``tokens.txt``, ``am.mvn``). FunASR's own loader reaches for a
 hub when given a name and silently skips mismatched weights; here the components are built from the config
-through FunASR's registry and the weights are loaded by us with ``torch.load(weights_only=True)`` and a strict key
-check, so a wrong or truncated checkpoint fails with the file and the key named.
+through FunASR's registry and the weights are loaded strictly by :mod:`vocalign.policies.checkpoint_io`, so a wrong
+or truncated checkpoint fails with the file and the key named.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
+
+from vocalign.policies.checkpoint_io import load_torch_state
 
 _FILE_KEYS = {("tokenizer_conf", "token_list"), ("frontend_conf", "cmvn_file")}
 
@@ -50,32 +51,9 @@ def build_funasr(config: dict[str, Any], device: str = "cpu"):
     return AutoModel(**settings, disable_update=True, disable_pbar=True, device=device)
 
 
-def load_state_dict_strict(module: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load a raw (or ``{"state_dict"|"model": ...}``) state dict; any missing, extra or misshapen key is an error."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint} does not match the model built from its config: "
-                         f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                         f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{checkpoint}: key {key!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(expected[key].shape)}")
-    module.load_state_dict(state, strict=True)
-
-
 def load_funasr_folder(model_dir: str | Path, device: str = "cpu"):
     """The published layout: build from config.yaml, then load model.pt strictly."""
     model_dir = Path(model_dir)
     auto = build_funasr(read_funasr_config(model_dir), device)
-    load_state_dict_strict(auto.model, model_dir / "model.pt")
+    load_torch_state(auto.model, model_dir / "model.pt")
     return auto

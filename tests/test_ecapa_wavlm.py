@@ -82,7 +82,7 @@ def test_published_layout_round_trips_onto_transformers_wavlm(tmp_path):
 def test_missing_or_unknown_keys_name_the_file_and_key(tmp_path):
     source = tiny_model(0)
     write_published(source, tmp_path / "ckpt.pth", drop="layer2.SE_Connect.linear1.weight")
-    with pytest.raises(ValueError, match=r"ckpt\.pth does not match.*missing \['layer2\.SE_Connect\.linear1\.weight'\]"):
+    with pytest.raises(ValueError, match=r"ckpt\.pth does not match.*missing keys \['layer2\.SE_Connect\.linear1\.weight'\]"):
         tiny_model(1).load_published(tmp_path / "ckpt.pth")
     with pytest.raises(KeyError, match="unknown WavLM upstream key 'encoder.mystery'"):
         convert_upstream_key("encoder.mystery")

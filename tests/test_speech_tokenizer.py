@@ -47,7 +47,7 @@ def test_missing_key_and_wrong_config_are_named(folder, tmp_path):
     state = load_file(str(broken / "model.safetensors"))
     state.pop("codebook.weight")
     save_file(state, str(broken / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"weights do not match config\.json: missing keys \['codebook\.weight'\]"):
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match the model: missing keys \['codebook\.weight'\]"):
         SpeechTokenizer.from_pretrained(broken)
     config = json.loads((broken / "config.json").read_text())
     config.pop("quantize_vocab_size")
