@@ -58,9 +58,10 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert len(lines) == 12  # steps redone after the kill are logged once
 
 
-def test_accelerate_launch_with_deepspeed_zero2_and_resume(tmp_path):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_accelerate_launch_with_deepspeed_and_resume(tmp_path, stage):
     accelerate = str(VENV_BIN / "accelerate")
-    base = [accelerate, "launch", "--config_file", "launch/accelerate_cpu_zero2.yaml"]
+    base = [accelerate, "launch", "--config_file", f"launch/accelerate_cpu_{stage}.yaml"]
     first = run(base + cli(tmp_path, steps=4, save_steps=2)[1:])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "DEEPSPEED" in first.stderr
