@@ -106,6 +106,14 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_ckpt(args: argparse.Namespace) -> int:
+    from vocalign.policies.checkpoints import TinySizes, write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(args.dir, TinySizes(num_codes=args.num_codes), args.phonemes, args.seed)
+    logging.getLogger("vocalign").info("tiny checkpoint in the published layout: %s", root)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vocalign", description="GRPO alignment for LLM-based TTS")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -164,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("config", help="SFT YAML, e.g. configs/lora_voice.yaml")
     sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sft.set_defaults(func=_sft)
+
+    tiny = sub.add_parser("make-tiny-ckpt", help="write a random tiny checkpoint in the published GLM-TTS layout")
+    tiny.add_argument("dir")
+    tiny.add_argument("--num-codes", type=int, default=64, help="speech codebook size (the release has 32768)")
+    tiny.add_argument("--phonemes", help="G2P_all_phonemes.json, to give the tokenizer the released phoneme tokens")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_tiny_ckpt)
     return parser
 
 

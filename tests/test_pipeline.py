@@ -27,7 +27,13 @@ def prompt_wav(tmp_path_factory):
     return path
 
 
-def test_synth_cli_writes_a_24k_wav_of_the_token_length(ckpt, prompt_wav, tmp_path):
+def test_synth_cli_writes_a_24k_wav_of_the_token_length(prompt_wav, tmp_path):
+    ckpt = tmp_path / "tiny"
+    made = subprocess.run([sys.executable, "-m", "vocalign.launch.cli", "make-tiny-ckpt", str(ckpt)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert {p.name for p in ckpt.iterdir()} == {"llm", "vq32k-phoneme-tokenizer", "speech_tokenizer", "flow", "hift",
+                                                "frontend"}
     out = tmp_path / "out.wav"
     result = subprocess.run([sys.executable, "-m", "vocalign.launch.cli", "synth", "--ckpt", str(ckpt),
                              "--text", "今天天气很好。", "--prompt-wav", str(prompt_wav), "--prompt-text", "你好",
