@@ -65,12 +65,10 @@ class WhisperASR:
 class ParaformerASR:
     """Paraformer (FunASR) from its published folder (config.yaml, model.pt, tokens, am.mvn)."""
 
-    def __init__(self, model_dir: str | Path | None = None, device: str = "cpu", *, auto_model=None) -> None:
+    def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
         from .funasr_loader import load_funasr_folder
 
-        if (model_dir is None) == (auto_model is None):
-            raise ValueError("give ParaformerASR either model_dir or auto_model")
-        self.auto = auto_model if auto_model is not None else load_funasr_folder(model_dir, device)
+        self.auto = load_funasr_folder(model_dir, device)
 
     def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]:
         out = self.auto.generate(input=[np.asarray(a, dtype=np.float32) for a in audios], batch_size=len(audios))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
@@ -50,8 +50,6 @@ class RewardPlugin(Protocol):
 
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]: ...
 
-
-Upstream = Mapping[str, Sequence[RewardResult]]
 
 _BUILTINS: dict[str, str] = {
     "cer": "vocalign.rewards.cer:CERReward",

@@ -30,12 +30,10 @@ class EmotionClassifier(Protocol):
 class Emotion2vecClassifier:
     """emotion2vec through FunASR from its published folder (config.yaml, model.pt, tokens.txt)."""
 
-    def __init__(self, model_dir: str | Path | None = None, device: str = "cpu", *, auto_model=None) -> None:
+    def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
         from .funasr_loader import load_funasr_folder
 
-        if (model_dir is None) == (auto_model is None):
-            raise ValueError("give Emotion2vecClassifier either model_dir or auto_model")
-        self.auto = auto_model if auto_model is not None else load_funasr_folder(model_dir, device)
+        self.auto = load_funasr_folder(model_dir, device)
         self.labels = [lb for lb in self.auto.kwargs["tokenizer"].token_list if not lb.startswith("unuse")]
 
     def probabilities(self, audios: Sequence[np.ndarray]) -> np.ndarray:
