@@ -2,7 +2,8 @@
 
 speech LM (text -> 25 Hz speech tokens) -> flow matching (tokens -> mel, conditioned on the prompt's mel and speaker
 embedding) -> HiFT (mel -> audio). Several utterances go through every stage as one batch, which is how the GRPO
-rollout environment uses it. Long text is split into 30-60 character chunks, each generated with the voice prompt.
+rollout environment uses it. Long text is split into 30-60 character chunks generated in turn, each carrying the
+voice prompt and the previous chunks as context.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from vocalign.rewards.audio import check_audio, to_model_rate
 
 from .flow import FlowInput, FlowMatching
 from .frontend.g2p import PhonemeFrontend
-from .frontend.text import normalize_text, split_text
+from .frontend.text import join_text, normalize_text, split_text
 from .mel import MEL_24K, log_mel
 from .speaker import CampPlus
 from .speech_lm import SpeechLM, TTSPrompt
@@ -53,6 +54,7 @@ class TTSPipeline:
         self.lm, self.flow, self.vocoder = speech_lm, flow, vocoder
         self.speech_tokenizer, self.speaker, self.phonemes = speech_tokenizer, speaker, phonemes
         self.sample_rate = SAMPLE_RATE
+        self.max_context = 750  # LM prompt tokens (text + speech) a long text's chunk may carry, as released
 
     @classmethod
     def from_pretrained(cls, ckpt: str | Path, *, num_codes: int | None = None, trust_remote_code: bool = False,
@@ -113,12 +115,39 @@ class TTSPipeline:
         return audio
 
     # ------------------------------------------------------------------ user-facing
+    def long_text_codes(self, text: str, prompt: VoicePrompt, settings: SynthesisSettings = SynthesisSettings()
+                        ) -> Iterator[list[int]]:
+        """Speech codes chunk by chunk. As released, each chunk's LM prompt is the voice prompt followed by earlier
+        chunks (their text and generated tokens), oldest dropped first, while it stays under ``max_context``
+        tokens, so that voice and prosody carry across chunks."""
+        history: list[tuple[str, list[int]]] = []
+        for chunk in split_text(text) or [text]:
+            context = list(history)
+            while context and self._prompt_tokens(prompt, context, chunk) > self.max_context:
+                context.pop(0)
+            lm_prompt = VoicePrompt(text=self._context_text(prompt, context),
+                                    codes=prompt.codes + [c for _, codes in context for c in codes],
+                                    mel=prompt.mel, speaker=prompt.speaker)
+            _, _, _, (codes,) = self.generate_codes([chunk], [lm_prompt], 1, settings)
+            history.append((chunk, codes))
+            yield codes
+
+    def _context_text(self, prompt: VoicePrompt, context: Sequence[tuple[str, list[int]]]) -> str:
+        text = prompt.text
+        for chunk, _ in context:
+            text = join_text(text, chunk)
+        return text
+
+    def _prompt_tokens(self, prompt: VoicePrompt, context: Sequence[tuple[str, list[int]]], chunk: str) -> int:
+        text = self.lm.tokenizer(self.text_input(join_text(self._context_text(prompt, context), chunk)),
+                                 add_special_tokens=False).input_ids
+        return len(text) + len(prompt.codes) + sum(len(codes) for _, codes in context)
+
     def synthesize(self, text: str, prompt: VoicePrompt, settings: SynthesisSettings = SynthesisSettings()
                    ) -> np.ndarray:
-        """Offline synthesis of (possibly long) text; chunks are generated as one batch and joined."""
-        chunks = split_text(text) or [text]
-        _, _, _, codes = self.generate_codes(chunks, [prompt] * len(chunks), 1, settings)
-        pieces = self.codes_to_audio(codes, [prompt] * len(chunks), settings.flow_steps)
+        """Offline synthesis of (possibly long) text: codes chunk by chunk, then one batched flow + vocoder pass."""
+        codes = list(self.long_text_codes(text, prompt, settings))
+        pieces = self.codes_to_audio(codes, [prompt] * len(codes), settings.flow_steps)
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
     def stream(self, text: str, prompt: VoicePrompt, settings: SynthesisSettings = SynthesisSettings(),
@@ -126,8 +155,7 @@ class TTSPipeline:
                crossfade_s: float = 0.1) -> Iterator[np.ndarray]:
         """Audio in pieces as token blocks become ready (25, 50, 200, then 200 tokens), each block's mel computed
         with a look-ahead of tokens past its end and the same starting noise, joined with a short cross-fade."""
-        for chunk in split_text(text) or [text]:
-            _, _, _, (codes,) = self.generate_codes([chunk], [prompt], 1, settings)
+        for codes in self.long_text_codes(text, prompt, settings):
             yield from self._stream_codes(codes, prompt, settings.flow_steps, blocks, lookahead, crossfade_s)
 
     def _stream_codes(self, codes: Sequence[int], prompt: VoicePrompt, steps: int, blocks: Sequence[int],

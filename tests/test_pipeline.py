@@ -74,3 +74,24 @@ def test_bad_prompt_audio_is_refused(ckpt):
     pipeline = TTSPipeline.from_pretrained(ckpt)
     with pytest.raises(ValueError, match="prompt audio contains NaN"):
         pipeline.prepare_prompt(np.full(24000, np.nan, np.float32), 24000, "x")
+
+
+def test_long_text_chunks_carry_earlier_chunks_within_the_context_budget(ckpt, prompt_wav, monkeypatch):
+    pipeline = TTSPipeline.from_pretrained(ckpt)
+    audio, rate = sf.read(prompt_wav, dtype="float32")
+    prompt = pipeline.prepare_prompt(audio, rate, "你好")
+    seen = []
+    encode = pipeline.lm.encode
+    monkeypatch.setattr(pipeline.lm, "encode", lambda p: (seen.append(p), encode(p))[1])
+    text = ("今天天气很好，我们一起去公园散步吧。公园里有很多花，红的、黄的、紫的，非常漂亮！"
+            "小朋友们在草地上奔跑，老人们在树下下棋。这真是一个美好的周末。")
+    torch.manual_seed(0)
+    codes = list(pipeline.long_text_codes(text, prompt, SynthesisSettings(max_new_tokens=20)))
+    assert len(codes) == len(seen) == 2
+    assert seen[0].prompt_codes == prompt.codes and seen[0].prompt_text == "你好"
+    assert seen[1].prompt_codes == prompt.codes + codes[0]  # the first chunk's speech carried as context
+    assert seen[1].prompt_text.startswith("你好今天天气很好")
+    seen.clear()
+    pipeline.max_context = 10  # too small for any history: chunks fall back to the voice prompt alone
+    list(pipeline.long_text_codes(text, prompt, SynthesisSettings(max_new_tokens=20)))
+    assert [p.prompt_codes for p in seen] == [prompt.codes, prompt.codes]

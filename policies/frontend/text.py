@@ -28,7 +28,7 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _join(left: str, right: str) -> str:
+def join_text(left: str, right: str) -> str:
     """No space after Chinese text or CJK punctuation, one space otherwise."""
     last = left[-1:]
     return left + right if is_chinese(last) or unicodedata.east_asian_width(last) in ("W", "F") else f"{left} {right}"
@@ -49,11 +49,11 @@ def split_text(text: str, min_chars: int = 30, max_chars: int = 60) -> list[str]
             pieces.extend(filter(None, (c.strip() for c in _CLAUSE_END.split(sentence))))
     chunks: list[str] = []
     for piece in pieces:
-        if chunks and len(_join(chunks[-1], piece)) <= max_chars:
-            chunks[-1] = _join(chunks[-1], piece)
+        if chunks and len(join_text(chunks[-1], piece)) <= max_chars:
+            chunks[-1] = join_text(chunks[-1], piece)
         else:
             chunks.append(piece)
-    if len(chunks) > 1 and len(chunks[-1]) < min_chars and len(_join(chunks[-2], chunks[-1])) <= max_chars:
+    if len(chunks) > 1 and len(chunks[-1]) < min_chars and len(join_text(chunks[-2], chunks[-1])) <= max_chars:
         tail = chunks.pop()
-        chunks[-1] = _join(chunks[-1], tail)
+        chunks[-1] = join_text(chunks[-1], tail)
     return chunks
