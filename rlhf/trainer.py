@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
-from trl.models.utils import unwrap_model_for_generation
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 
 from .advantages import compute_advantages, flat_reward_mask, normalize_per_reward, rewards_to_tensor
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -96,7 +96,10 @@ class GRPOTrainer:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if self.ref_model is not None:
+        if self.ref_model is not None and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed needs its own inference engine for a second model (sharded too under ZeRO-3)
+            self.ref_model = prepare_deepspeed(self.ref_model, self.accelerator)
+        elif self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
         # Stepped once per optimizer step by us (not prepared): its position is part of our JSON state.
         self.lr_scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer, config.warmup_steps,

@@ -1,5 +1,6 @@
 """Whole runs as users start them: killed and resumed, under DeepSpeed ZeRO-2, and with two processes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -62,14 +63,16 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
 def test_accelerate_launch_with_deepspeed_and_resume(tmp_path, stage):
     accelerate = str(VENV_BIN / "accelerate")
     base = [accelerate, "launch", "--config_file", f"launch/accelerate_cpu_{stage}.yaml"]
-    first = run(base + cli(tmp_path, steps=4, save_steps=2)[1:])
+    # beta > 0: the frozen reference model gets its own DeepSpeed engine
+    first = run(base + cli(tmp_path, "--set", "trainer.beta=0.1", steps=4, save_steps=2)[1:])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "DEEPSPEED" in first.stderr
     assert (tmp_path / "checkpoint-4" / "pytorch_model").is_dir()  # DeepSpeed's own checkpoint layout
-    again = run(base + cli(tmp_path, steps=6, save_steps=2)[1:])
+    again = run(base + cli(tmp_path, "--set", "trainer.beta=0.1", steps=6, save_steps=2)[1:])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[-1])["kl"] > 0
 
 
 def test_two_cpu_processes(tmp_path):
