@@ -12,9 +12,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 from .loss import canonical_loss_type
 from .resampling import ResampleConfig
@@ -34,6 +37,16 @@ class LoraSettings:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
     modules_to_save: list[str] = field(default_factory=list)
     init_lora_weights: bool | str = True
+
+
+def wrap_lora(model: "torch.nn.Module", lora: LoraSettings) -> "torch.nn.Module":
+    """The model with a fresh peft LoRA adapter; only the adapter (and ``modules_to_save``) stays trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None, init_lora_weights=lora.init_lora_weights,
+        task_type="CAUSAL_LM"))
 
 
 @dataclass
@@ -112,6 +125,9 @@ class GRPOConfig:
             raise ValueError(f"normalization must be 'hierarchical' or 'sum_then_normalize', got {self.normalization!r}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 (checkpoints kept), or null to keep all; got "
+                             f"{self.save_total_limit}")
         if self.report_to not in ("wandb", "none"):
             raise ValueError(f"report_to must be 'wandb' or 'none', got {self.report_to!r}")
 

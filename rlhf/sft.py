@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from vocalign.policies.pipeline import TTSPipeline
-from vocalign.rewards.audio import to_model_rate
+from vocalign.policies.speech_lm import TTSPrompt
 
-from .config import LoraSettings, from_dict, load_yaml
+from .config import LoraSettings, from_dict, load_yaml, wrap_lora
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class SFTConfig:
 
 
 def load_voice_data(path: str | Path, pipeline: TTSPipeline) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per example; labels are -100 on the text part."""
+    """(input ids, labels) per example, laid out without a voice prompt; labels are -100 on the text part."""
     path = Path(path)
     examples = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -57,19 +59,18 @@ def load_voice_data(path: str | Path, pipeline: TTSPipeline) -> list[tuple[list[
             raise ValueError(f"{path}:{n}: every row needs `text` and `audio`")
         wav = Path(row["audio"]) if Path(row["audio"]).is_absolute() else path.parent / row["audio"]
         audio, rate = sf.read(wav, dtype="float32", always_2d=True)
-        codes = pipeline.speech_tokenizer([to_model_rate(audio.mean(axis=1), rate, 16000)])[0]
-        vocab = pipeline.lm.vocab
-        text_ids = pipeline.lm.tokenizer(pipeline.text_input(row["text"]), add_special_tokens=False).input_ids
-        speech = [vocab.audio_0 + c for c in codes] + [vocab.stop]
-        ids = text_ids + [vocab.begin_of_audio] + speech
-        labels = [-100] * (len(text_ids) + 1) + speech
-        examples.append((ids, labels))
+        codes = pipeline.codec.tokenize(audio.mean(axis=1), rate)
+        examples.append(pipeline.lm.training_example(TTSPrompt(pipeline.text_input(row["text"]), "", []), codes))
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
 
 
-def _collate(batch: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+Example = tuple[list[int], list[int]]
+
+
+def collate(batch: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels (-100 on padding) and attention mask."""
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -79,36 +80,48 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad: int) -> dict[str, to
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def train_voice(cfg: SFTConfig) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
+def shuffled_batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterator[list[Example]]:
+    """Endless batches, each epoch a fresh seeded permutation (a last short batch is kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [examples[i] for i in order[start:start + batch_size]]
 
+
+def sft_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+             accelerator: Accelerator, max_grad_norm: float,
+             lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """One optimizer step of next-token cross-entropy on the labelled positions; returns the loss."""
+    loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+    accelerator.backward(loss)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return loss.item()
+
+
+def train_voice(cfg: SFTConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     accelerator = Accelerator()
     pipeline = TTSPipeline.from_pretrained(cfg.ckpt, trust_remote_code=cfg.trust_remote_code)
     examples = load_voice_data(cfg.data, pipeline)
-    lora = cfg.lora
-    model = get_peft_model(pipeline.lm.model, LoraConfig(
-        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
-        modules_to_save=lora.modules_to_save or None, init_lora_weights=lora.init_lora_weights,
-        task_type="CAUSAL_LM"))
+    model = wrap_lora(pipeline.lm.model, cfg.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("training %d of %d parameters (%.1f%%)", trainable, total, 100 * trainable / total)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(examples, batch_size=cfg.batch_size, shuffle=True,
-                                         collate_fn=lambda b: _collate(b, pipeline.lm.vocab.pad))
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    losses = []
+    model, optimizer = accelerator.prepare(model, optimizer)
+    steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    batches = shuffled_batches(examples, cfg.batch_size, cfg.seed)
     model.train()
-    for _ in tqdm(range(cfg.epochs), desc="sft", disable=not accelerator.is_local_main_process):
-        for batch in loader:
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+    losses = [sft_step(model, collate(next(batches), pipeline.lm.vocab.pad), optimizer, accelerator,
+                       cfg.max_grad_norm)
+              for _ in tqdm(range(steps), desc="sft", disable=not accelerator.is_local_main_process)]
     out = Path(cfg.output_dir) / "adapter"
     accelerator.unwrap_model(model).save_pretrained(str(out), is_main_process=accelerator.is_main_process)
     summary = {"adapter": str(out), "trainable_parameters": trainable, "total_parameters": total,

@@ -34,7 +34,7 @@ from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 
 from .advantages import compute_advantages, flat_reward_mask, normalize_per_reward, rewards_to_tensor
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import GRPOConfig, to_dict
+from .config import GRPOConfig, to_dict, wrap_lora
 from .loss import aggregate, clipped_surrogate, completion_logps
 from .resampling import flat_groups, select_for_resampling
 from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer
@@ -84,7 +84,7 @@ class GRPOTrainer:
         set_seed(config.seed, device_specific=True)
 
         if config.lora is not None:
-            model = self._wrap_lora(model)
+            model = wrap_lora(model, config.lora)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # The reference for the KL term: the adapter switched off with LoRA, otherwise a frozen copy.
@@ -118,16 +118,6 @@ class GRPOTrainer:
         self.last_rollouts: Rollouts | None = None
 
     # ------------------------------------------------------------------ setup helpers
-    def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        lora = self.config.lora
-        peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
-            init_lora_weights=lora.init_lora_weights, task_type="CAUSAL_LM")
-        return get_peft_model(model, peft_config)
-
     def _maybe_resume(self) -> None:
         if not self.config.resume:
             return

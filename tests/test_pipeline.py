@@ -51,7 +51,7 @@ def test_streaming_matches_offline_length_and_emits_before_the_end(ckpt, prompt_
     pipeline = TTSPipeline.from_pretrained(ckpt)
     audio, rate = sf.read(prompt_wav, dtype="float32")
     prompt = pipeline.prepare_prompt(audio, rate, "你好")
-    assert len(prompt.mel) == 2 * len(prompt.codes)
+    assert len(prompt.condition.mel) == 2 * len(prompt.codes)
     settings = SynthesisSettings(flow_steps=2, max_new_tokens=120)
     text = "今天天气很好，我们去公园散步吧。"
     torch.manual_seed(3)
