@@ -75,19 +75,36 @@ class SpeechLM:
 
     # ------------------------------------------------------------------ prompt layout
     def _text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids:
+            unknown = [t for t in text.split() if unk in self.tokenizer(t, add_special_tokens=False).input_ids]
+            raise ValueError(f"the speech LM's tokenizer does not know {unknown or [text]} in {text!r}")
+        return ids
 
     def encode(self, prompt: TTSPrompt) -> tuple[list[int], int]:
-        """Token ids of the prompt and the number of target-text tokens (which bounds the output length)."""
+        """Token ids of the prompt and the number of target-text tokens (which bounds the output length). Without
+        a voice prompt (no prompt text, no codes) the layout is ``[text, <|begin_of_audio|>]``."""
         bad = [c for c in prompt.prompt_codes if not 0 <= c < self.vocab.num_codes]
         if bad:
             raise ValueError(f"prompt speech codes out of range 0..{self.vocab.num_codes - 1}: {bad[:5]}")
         target = self._text_ids(prompt.text)
         if not target:
             raise ValueError("the text to synthesise is empty")
-        ids = (self._text_ids(prompt.prompt_text + " ") + target + [self.vocab.begin_of_audio]
+        prompt_text = self._text_ids(prompt.prompt_text + " ") if prompt.prompt_text else []
+        ids = (prompt_text + target + [self.vocab.begin_of_audio]
                + [self.vocab.audio_0 + c for c in prompt.prompt_codes])
         return ids, len(target)
+
+    def training_example(self, prompt: TTSPrompt, codes: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Supervised example in the inference layout: ids and labels, the loss on the speech codes and the stop
+        token only (labels -100 elsewhere)."""
+        bad = [c for c in codes if not 0 <= c < self.vocab.num_codes]
+        if bad or not codes:
+            raise ValueError(f"target speech codes must be a non-empty list in 0..{self.vocab.num_codes - 1}")
+        ids, _ = self.encode(prompt)
+        speech = [self.vocab.audio_0 + c for c in codes] + [self.vocab.stop]
+        return ids + speech, [-100] * len(ids) + speech
 
     def batch(self, prompts: Sequence[TTSPrompt], num_generations: int = 1
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,6 +131,7 @@ class SpeechLM:
         top_k: int | None = 25,
         top_p: float | None = 0.8,
         max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         ras: RepetitionAwareSampling | None = RepetitionAwareSampling(),
         synced_processes: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, Sampled]:
@@ -126,7 +144,8 @@ class SpeechLM:
         max_len = (text_lengths.float() * self.lengths.max_ratio).long().clamp(min=1)
         if max_new_tokens is not None:
             max_len = max_len.clamp(max=max_new_tokens)
-        min_len = torch.minimum((text_lengths.float() * self.lengths.min_ratio).long(), max_len - 1).clamp(min=0)
+        min_len = (text_lengths.float() * self.lengths.min_ratio).long().clamp(min=min_new_tokens)
+        min_len = torch.minimum(min_len, max_len - 1).clamp(min=0)
         out = sample(policy, ids.to(device), mask.to(device), max_new_tokens=max_len.to(device),
                      min_new_tokens=min_len.to(device), stop_token_id=self.vocab.stop, pad_token_id=self.vocab.pad,
                      temperature=temperature, top_k=top_k, top_p=top_p, allowed_tokens=self.allowed, ras=ras,

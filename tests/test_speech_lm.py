@@ -86,3 +86,34 @@ def test_works_with_a_peft_adapter(ckpt):
     torch.manual_seed(2)
     _, _, out = lm.generate([TTSPrompt("你好", "嗨", [1])], num_generations=2, model=adapted, max_new_tokens=8)
     assert out.tokens.shape[0] == 2 and out.mask.sum() > 0
+
+
+def test_training_example_is_the_inference_layout_with_labelled_speech(ckpt):
+    lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
+    prompt = TTSPrompt("你好", "hi", [3, 5])
+    prefix, _ = lm.encode(prompt)
+    ids, labels = lm.training_example(prompt, [7, 8])
+    speech = [lm.vocab.audio_0 + 7, lm.vocab.audio_0 + 8, lm.vocab.stop]
+    assert ids == prefix + speech and labels == [-100] * len(prefix) + speech
+    bare, _ = lm.encode(TTSPrompt("你好", "", []))  # no voice prompt: [text, <|begin_of_audio|>]
+    assert bare == lm.tokenizer("你好", add_special_tokens=False).input_ids + [lm.vocab.begin_of_audio]
+    with pytest.raises(ValueError, match="non-empty list in 0..63"):
+        lm.training_example(prompt, [])
+    with pytest.raises(ValueError, match="non-empty list in 0..63"):
+        lm.training_example(prompt, [64])
+
+
+def test_word_tokenizer_names_the_words_it_does_not_know():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vocalign.policies.frontend.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["one", "two"], num_codes=4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    lm = SpeechLM(model, tokenizer, num_codes=4)
+    ids, n_text = lm.encode(TTSPrompt("two one.", "one", [0, 3]))
+    assert n_text == 3 and tokenizer.convert_ids_to_tokens(ids) == [
+        "one", "two", "one", ".", "<|begin_of_audio|>", "<|audio_0|>", "<|audio_3|>"]
+    with pytest.raises(ValueError, match=r"does not know \['fish'\]"):
+        lm.encode(TTSPrompt("one fish two", "", []))

@@ -62,16 +62,32 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
         raise
 
 
-def build_char_tokenizer(characters: Iterable[str], phonemes: Iterable[str], num_codes: int
-                         ) -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: control tokens, phoneme tokens and speech tokens first (contiguous codes)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def _speech_tokenizer(pieces: Iterable[str], phonemes: Iterable[str], num_codes: int, pre_tokenizer
+                      ) -> PreTrainedTokenizerFast:
+    """Control tokens, phoneme tokens and speech tokens first (contiguous codes), then ``pieces``."""
+    from tokenizers import Tokenizer, models
 
     specials = [PAD, STOP, BEGIN_OF_AUDIO, UNK] + [f"<|{p}|>" for p in phonemes]
     speech = [audio_token(c) for c in range(num_codes)]
-    chars = sorted(set(characters) | {" "})
-    vocab = {tok: i for i, tok in enumerate(specials + speech + chars)}
+    vocab = {tok: i for i, tok in enumerate(specials + speech + list(pieces))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizer
     tok.add_special_tokens(specials + speech)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=STOP, unk_token=UNK)
+
+
+def build_char_tokenizer(characters: Iterable[str], phonemes: Iterable[str], num_codes: int
+                         ) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer, for tests and the tiny checkpoint."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return _speech_tokenizer(sorted(set(characters) | {" "}), phonemes, num_codes,
+                             pre_tokenizers.Split(Regex("."), behavior="isolated"))
+
+
+def build_word_tokenizer(words: Iterable[str], num_codes: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over a closed vocabulary (the demo TTS's): a word is one token, as a frequent word is
+    one BPE token in the released tokenizer; punctuation marks are tokens of their own, anything else is unknown."""
+    from tokenizers import pre_tokenizers
+
+    return _speech_tokenizer(sorted(set(words) | set(".,?!")), [], num_codes, pre_tokenizers.Whitespace())
