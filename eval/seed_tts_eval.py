@@ -82,7 +82,10 @@ def evaluate(pipeline: TTSPipeline, items: Sequence[EvalItem], plugins: Sequence
             row["transcript"] = results["cer"].info.get("transcript", "")
             row["cer" if item.language == "zh" else "wer"] = results["cer"].info["cer"]
         if "sim" in results:
-            row["sim"] = results["sim"].info.get("cosine", results["sim"].value)
+            if "cosine" not in results["sim"].info:
+                raise ValueError("the sim plugin reports no `cosine` in its info; SIM is reported as the cosine of "
+                                 "speaker embeddings, not as a reward value")
+            row["sim"] = results["sim"].info["cosine"]
         if "emotion" in results and item.emotion:
             row["emotion_predicted"] = results["emotion"].info.get("predicted")
             row["emotion_correct"] = float(str(row["emotion_predicted"]).split("/")[-1].lower() == item.emotion.lower())

@@ -52,6 +52,10 @@ class FlowConfig:
     conv_layers: int = 4
     ff_mult: int = 2
 
+    def __post_init__(self) -> None:
+        if self.t_scheduler not in ("cosine", "linear"):
+            raise ValueError(f"flow t_scheduler must be 'cosine' or 'linear', got {self.t_scheduler!r}")
+
     @property
     def dit_sizes(self) -> tuple[int, int, int]:
         default = (1024, 22, 16) if self.big_model else (768, 18, 12)

@@ -21,12 +21,33 @@ class Transcriber(Protocol):
 
 
 class PocketSphinxASR:
-    """Offline US-English recogniser with the acoustic model, LM and dictionary pocketsphinx ships."""
+    """Offline US-English recogniser with the acoustic model, LM and dictionary pocketsphinx ships.
 
-    def __init__(self) -> None:
+    Its general-English language model is a weak judge of isolated words (word error rate about 1.0 on espeak-ng
+    digit strings); restricted to a task's words it is a sharp one (about 0.2). ``vocabulary`` makes a grammar that
+    accepts any sequence of the given words; ``jsgf`` loads a JSGF grammar file; without either the shipped LM is
+    used.
+    """
+
+    def __init__(self, vocabulary: Sequence[str] | None = None, jsgf: str | Path | None = None) -> None:
         from pocketsphinx import Decoder
 
+        if vocabulary and jsgf:
+            raise ValueError("give pocketsphinx either `vocabulary` or `jsgf`, not both")
         self.decoder = Decoder(samprate=16000, logfn="/dev/null")
+        if vocabulary:
+            words = sorted({w.lower() for w in vocabulary})
+            unknown = [w for w in words if self.decoder.lookup_word(w) is None]
+            if unknown:
+                raise ValueError(f"pocketsphinx's dictionary has no {unknown}; use words it knows or a jsgf grammar")
+            grammar = "#JSGF V1.0;\ngrammar words;\npublic <utterance> = ( " + " | ".join(words) + " )+ ;\n"
+            self.decoder.set_jsgf_string("words", grammar)
+            self.decoder.activate_search("words")
+        elif jsgf:
+            if not Path(jsgf).is_file():
+                raise FileNotFoundError(f"JSGF grammar {jsgf} does not exist")
+            self.decoder.set_jsgf_file("grammar", str(jsgf))
+            self.decoder.activate_search("grammar")
 
     def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]:
         texts = []

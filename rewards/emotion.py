@@ -18,9 +18,6 @@ from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
 from .hf_audio import load_audio_model
 
-EMOTION2VEC_NEUTRAL_INDEX = 4
-
-
 class EmotionClassifier(Protocol):
     labels: list[str]
 
@@ -77,8 +74,7 @@ class EmotionReward:
                 raise ValueError(f"unknown emotion classifier {kind!r}; choose one of {sorted(backends)}")
             emotion_classifier = backends[kind](**spec)
         self.classifier = emotion_classifier
-        neutral = _label_index(self.classifier.labels, "neutral")
-        self.neutral = neutral if neutral is not None else EMOTION2VEC_NEUTRAL_INDEX
+        self.neutral = _label_index(self.classifier.labels, "neutral")  # None: only targeted samples can be scored
 
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
         audios = [to_model_rate(check_audio(s.audio, s.sample_rate, what=f"sample {i}"), s.sample_rate)
@@ -93,6 +89,10 @@ class EmotionReward:
                     raise ValueError(f"sample {i}: emotion {s.emotion!r} is not a label of the classifier "
                                      f"({self.classifier.labels})")
                 value = float(p[k])
+            elif self.neutral is None:
+                raise ValueError(f"sample {i} names no emotion and the classifier has no 'neutral' label "
+                                 f"({self.classifier.labels}) to score expressiveness against; give the prompt "
+                                 "rows an `emotion`")
             else:
                 value = 1.0 - float(p[self.neutral])
             results.append(RewardResult(value, {"predicted": predicted}))

@@ -97,7 +97,10 @@ class LaughterReward:
                 continue
             audio = to_model_rate(check_audio(s.audio, s.sample_rate, what=f"sample {i}"), s.sample_rate)
             found = self.detector.segments(audio)
-            transcript = cer.info.get("transcript", "")
+            if "transcript" not in cer.info:
+                raise ValueError(f"sample {i}: the cer result carries no transcript, so the laughter reward cannot "
+                                 "tell whether the ASR deleted the laughter; use a cer plugin that reports one")
+            transcript = cer.info["transcript"]
             laughed_like_a_human = bool(found) and not transcribes_laughter(transcript)
             results.append(RewardResult(float(laughed_like_a_human),
                                         {"applies": True, "segments": found, "transcript": transcript}))

@@ -8,6 +8,7 @@ The reward is (1 + cos) / 2, in [0, 1].
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,13 +75,19 @@ class SpeakerSimilarityReward:
         self.encoder = speaker_encoder or build_speaker_encoder(**(encoder or {"kind": "resemblyzer"}))
 
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]:
-        outputs, prompts = [], []
+        outputs, prompts, prompt_index = [], [], []
+        seen: dict[bytes, int] = {}  # a GRPO batch has G outputs per voice prompt: embed each prompt once
         for i, s in enumerate(samples):
             if s.prompt_audio is None or s.prompt_sample_rate is None:
                 raise ValueError(f"sample {i} has no prompt audio; the sim reward compares output and prompt voices")
             outputs.append(to_model_rate(check_audio(s.audio, s.sample_rate, what=f"sample {i}"), s.sample_rate))
-            prompts.append(to_model_rate(check_audio(s.prompt_audio, s.prompt_sample_rate,
-                                                     what=f"prompt of sample {i}"), s.prompt_sample_rate))
+            prompt = to_model_rate(check_audio(s.prompt_audio, s.prompt_sample_rate, what=f"prompt of sample {i}"),
+                                   s.prompt_sample_rate)
+            key = hashlib.blake2b(prompt.tobytes(), digest_size=16).digest()
+            if key not in seen:
+                seen[key] = len(prompts)
+                prompts.append(prompt)
+            prompt_index.append(seen[key])
         embeddings = self.encoder.embed(outputs + prompts)
-        cos = cosine(embeddings[: len(samples)], embeddings[len(samples):])
+        cos = cosine(embeddings[: len(samples)], embeddings[len(samples):][prompt_index])
         return [RewardResult(float((1.0 + c) / 2.0), {"cosine": float(c)}) for c in cos]

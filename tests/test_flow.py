@@ -79,3 +79,6 @@ def test_config_reads_hyperpyyaml_tags_and_rejects_unknown_keys(tmp_path):
     path.write_text("flow:\n  vocab_sise: 32\n")
     with pytest.raises(ValueError, match=r"unknown flow settings \['vocab_sise'\]"):
         read_flow_config(path)
+    path.write_text("flow:\n  t_scheduler: quadratic\n")
+    with pytest.raises(ValueError, match="t_scheduler must be 'cosine' or 'linear', got 'quadratic'"):
+        read_flow_config(path)

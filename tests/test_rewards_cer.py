@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from vocalign.rewards.asr import ParaformerASR, PocketSphinxASR, WhisperASR
+from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
 from vocalign.rewards.cer import CERReward, cer_to_reward
 from vocalign.rewards.funasr_loader import build_funasr
@@ -170,3 +171,37 @@ def test_pocketsphinx_cer_prefers_the_matching_text_on_real_speech():
                                  Sample(audio, rate, "please call stella and ask her to bring these things", "en")])
     assert right.value > wrong.value, (right.info, wrong.info)
     assert isinstance(right, RewardResult) and right.info["transcript"]
+
+
+DIGITS = "zero one two three four five six seven eight nine".split()
+
+
+@needs_espeak
+def test_pocketsphinx_restricted_to_a_vocabulary_is_a_sharp_judge_of_digit_strings():
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(DIGITS, 4)) for _ in range(8)]
+    audios = [to_model_rate(*speak(t, "en-us+klatt", 150)) for t in texts]
+    restricted = PocketSphinxASR(vocabulary=DIGITS).transcribe(audios)
+    general = PocketSphinxASR().transcribe(audios)
+    wer_restricted = np.mean([error_rate(t, h, "en") for t, h in zip(texts, restricted)])
+    wer_general = np.mean([error_rate(t, h, "en") for t, h in zip(texts, general)])
+    assert all(set(h.split()) <= set(DIGITS) for h in restricted)
+    assert wer_restricted < 0.2 and wer_general > wer_restricted + 0.3, (wer_restricted, wer_general)
+
+
+@needs_espeak
+def test_pocketsphinx_reads_a_jsgf_grammar_file(tmp_path):
+    grammar = tmp_path / "commands.gram"
+    grammar.write_text("#JSGF V1.0;\ngrammar commands;\npublic <command> = turn left | turn right | stop now ;\n")
+    asr = PocketSphinxASR(jsgf=grammar)
+    said = ["turn right", "turn left"]
+    assert asr.transcribe([to_model_rate(*speak(w, "en-us+klatt", 130)) for w in said]) == said
+
+
+def test_pocketsphinx_grammar_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"dictionary has no \['qzxv'\]"):
+        PocketSphinxASR(vocabulary=["zero", "qzxv"])
+    with pytest.raises(ValueError, match="not both"):
+        PocketSphinxASR(vocabulary=["zero"], jsgf=tmp_path / "digits.gram")
+    with pytest.raises(FileNotFoundError, match="digits.gram does not exist"):
+        PocketSphinxASR(jsgf=tmp_path / "digits.gram")

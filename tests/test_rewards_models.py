@@ -88,6 +88,17 @@ def test_emotion_reward_is_probability_of_target_or_not_neutral():
         reward.score([Sample(audio, 16000, "x", "en", emotion="bored")])
 
 
+def test_emotion_without_a_neutral_label_scores_only_targeted_samples():
+    labels = ["angry", "happy", "sad"]
+    classifier = AudioClassifierEmotion(parts=(tiny_audio_classifier(labels), tiny_extractor()))
+    reward = EmotionReward(emotion_classifier=classifier)
+    audio = noise()
+    (sad,) = reward.score([Sample(audio, 16000, "x", "en", emotion="sad")])
+    assert sad.value == pytest.approx(classifier.probabilities([audio])[0][2])
+    with pytest.raises(ValueError, match="sample 0 names no emotion and the classifier has no 'neutral' label"):
+        reward.score([Sample(audio, 16000, "x", "en")])
+
+
 @pytest.mark.parametrize("text, expected", [
     ("ha ha, that is funny", True), ("Hahaha!", True), ("hey hey", True), ("哈哈，太好了", True), ("呵呵", True),
     ("ha, that is funny", False), ("he said hello", False), ("哈", False), ("hello there", False),
@@ -122,6 +133,8 @@ def test_laughter_needs_the_cer_transcript():
     reward = LaughterReward(laughter_detector=DetectorDouble(True))
     with pytest.raises(ValueError, match="cer reward's transcripts"):
         reward.score([Sample(noise(), 16000, "ha ha", "en")])
+    with pytest.raises(ValueError, match="sample 0: the cer result carries no transcript"):
+        reward.score([Sample(noise(), 16000, "ha ha", "en")], upstream={"cer": [RewardResult(1.0, {})]})
     assert transcribes_laughter("哈哈 好") and not transcribes_laughter("he is here")
 
 
@@ -175,3 +188,26 @@ def test_emotion2vec_loads_the_published_folder(tmp_path):
     assert probs.shape == (9,) and probs.sum() == pytest.approx(1.0, abs=1e-5)
     sad, unspecified = reward.score([Sample(audio, 16000, "x", "zh", emotion="sad"), Sample(audio, 16000, "x", "zh")])
     assert sad.value == pytest.approx(probs[6]) and unspecified.value == pytest.approx(1 - probs[4])
+
+
+class CountingEncoder:
+    """Test double: a deterministic 'embedding' of each clip, recording how many clips each call embeds."""
+
+    def __init__(self):
+        self.calls = []
+
+    def embed(self, audios):
+        self.calls.append(len(audios))
+        return np.stack([[a[:100].mean(), a[:100].std(), a[100:200].mean()] for a in audios])
+
+
+def test_each_distinct_voice_prompt_is_embedded_once_with_the_same_scores():
+    prompt_a, prompt_b = noise(seed=1), noise(seed=2)
+    samples = [Sample(noise(seed=10 + i), 16000, "x", "en", p, 16000)
+               for i, p in enumerate([prompt_a] * 3 + [prompt_b.copy() for _ in range(3)])]
+    encoder = CountingEncoder()
+    reward = SpeakerSimilarityReward(speaker_encoder=encoder)
+    scores = reward.score(samples)
+    assert encoder.calls == [6 + 2]  # six outputs, two distinct prompts (equal content counts once)
+    singles = [reward.score([s])[0].value for s in samples]
+    assert [s.value for s in scores] == pytest.approx(singles)

@@ -103,5 +103,7 @@ def test_config_errors_are_clear(tmp_path):
         make_trainer(tmp_path, resample=ResampleConfig(ignore=["emotion"]))
     with pytest.raises(ValueError, match="epsilon"):
         GRPOConfig(epsilon=1.5)
+    with pytest.raises(ValueError, match="save_total_limit must be >= 1"):
+        GRPOConfig(save_total_limit=0)
     cfg = from_dict(GRPOConfig, {"learning_rate": "1e-6", "schedule": {"epsilon": [0.2, 0.3]}})
     assert cfg.learning_rate == 1e-6 and cfg.schedule.epsilon == (0.2, 0.3)
