@@ -11,9 +11,10 @@ receives those results through ``score(samples, upstream=...)``, so the ASR runs
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
@@ -36,6 +37,11 @@ class Sample:
     prompt_audio: np.ndarray | None = None  # the voice prompt, for speaker similarity
     prompt_sample_rate: int | None = None
     emotion: str | None = None  # intended emotion label, if any
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any]) -> Sample:
+        """A sample from a mapping that may hold more than a sample's fields (a rollout's per-sample extras)."""
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
 
 
 @dataclass

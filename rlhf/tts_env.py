@@ -1,8 +1,9 @@
 """The GLM-TTS rollout environment: prompts -> G speech-token samples each -> audio -> reward plugins.
 
-The speech LM samples (with the trainer's policy, temperature and length bounds), then flow matching and the
-vocoder turn every sample into audio, all batched and kept in memory. Rewards are any mix of in-process plugins and
-reward servers behind the same interface; the scorer reports timings and server failures with the step's metrics.
+The speech LM samples (with the trainer's policy, temperature and length bounds), then the codec's decoder (flow
+matching and the vocoder for GLM-TTS) turns every sample into audio, all batched and kept in memory. Rewards are any
+mix of in-process plugins and reward servers behind the same interface; the scorer reports timings and server
+failures with the step's metrics.
 
 Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text``, ``language``, ``prompt_wav``
 (a path, relative to the data file), ``prompt_text`` and an optional ``emotion``.
@@ -10,7 +11,6 @@ Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +23,7 @@ import soundfile as sf
 import torch
 
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline, VoicePrompt
-from vocalign.rewards.base import RewardPlugin, RewardResult, Sample, build_reward, score_all
+from vocalign.rewards.base import RewardPlugin, Sample, build_reward, score_all
 from vocalign.rewards.client import RemoteReward
 
 from .rollout import Rollouts, SamplingParams
@@ -72,7 +72,8 @@ class TTSEnv:
     def rollout(self, model: torch.nn.Module, prompts: Sequence[Mapping[str, Any]], num_generations: int,
                 sampling: SamplingParams) -> Rollouts:
         settings = replace(self.settings, temperature=sampling.temperature, top_k=sampling.top_k,
-                           top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens)
+                           top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                           min_new_tokens=sampling.min_new_tokens)
         voices = [self._voice(row) for row in prompts]
         t0 = time.perf_counter()
         ids, mask, sampled, codes = self.pipeline.generate_codes([r["text"] for r in prompts], [v[0] for v in voices],
@@ -80,7 +81,7 @@ class TTSEnv:
         t1 = time.perf_counter()
         per_sample = [v for v in voices for _ in range(num_generations)]
         audio = self.pipeline.codes_to_audio(codes, [v[0] for v in per_sample], settings.flow_steps)
-        self.last_timings = {"time/speech_lm_s": t1 - t0, "time/flow_vocoder_s": time.perf_counter() - t1}
+        self.last_timings = {"time/speech_lm_s": t1 - t0, "time/token_to_audio_s": time.perf_counter() - t1}
         rows = [r for r in prompts for _ in range(num_generations)]
         extras = [{"audio": a, "sample_rate": self.pipeline.sample_rate, "text": row["text"],
                    "language": row["language"], "prompt_audio": v[1], "prompt_sample_rate": v[2],
@@ -102,32 +103,36 @@ def build_plugin(spec: Mapping[str, Any]) -> RewardPlugin:
 
 
 class RewardScorer:
-    """Scores rollouts whose extras describe utterances (see :class:`TTSEnv`) with reward plugins."""
+    """Scores rollouts whose extras describe utterances (see :class:`TTSEnv`) with reward plugins.
+
+    Each sample's results (value and info, e.g. the transcript) are stored in its extras under ``scores``, so they
+    travel with the sample when groups are resampled and replaced, and a table of samples cannot mispair them."""
 
     def __init__(self, plugins: Sequence[RewardPlugin]) -> None:
         if not plugins:
             raise ValueError("no rewards configured")
         self.plugins = list(plugins)
         self.reward_names = [p.name for p in self.plugins]
-        self.last_results: dict[str, list[RewardResult]] = {}
         self._timing = 0.0
 
     def score(self, rollouts: Rollouts) -> dict[str, list[float]]:
-        samples = [Sample(**e) for e in rollouts.extras]
+        samples = [Sample.from_mapping(e) for e in rollouts.extras]
         t0 = time.perf_counter()
-        self.last_results = score_all(self.plugins, samples)
+        results = score_all(self.plugins, samples)
         self._timing = time.perf_counter() - t0
-        return {name: [r.value for r in results] for name, results in self.last_results.items()}
+        for i, extra in enumerate(rollouts.extras):
+            extra["scores"] = {name: scored[i] for name, scored in results.items()}
+        return {name: [r.value for r in scored] for name, scored in results.items()}
 
     def sample_rows(self, rollouts: Rollouts, n: int) -> list[dict[str, Any]]:
-        """The first ``n`` samples of the last scored batch, for a table of audio, text, rewards and transcripts."""
+        """The first ``n`` scored samples of ``rollouts``, for a table of audio, text, rewards and transcripts."""
         rows = []
-        for i, extra in enumerate(rollouts.extras[:n]):
+        for extra in rollouts.extras[:n]:
             row: dict[str, Any] = {"audio": extra["audio"], "sample_rate": extra["sample_rate"], "text": extra["text"]}
-            for name, results in self.last_results.items():
-                row[name] = results[i].value
-                if "transcript" in results[i].info:
-                    row["transcript"] = results[i].info["transcript"]
+            for name, result in extra.get("scores", {}).items():
+                row[name] = result.value
+                if "transcript" in result.info:
+                    row["transcript"] = result.info["transcript"]
             rows.append(row)
         return rows
 
@@ -138,37 +143,3 @@ class RewardScorer:
             if client is not None:
                 out[f"reward_servers/{plugin.name}/failed_attempts"] = float(client.stats.failed_attempts)
         return out
-
-
-DEMO_TEXTS = [
-    "the quick brown fox jumps over the lazy dog",
-    "please call stella and ask her to bring these things",
-    "she sells sea shells by the sea shore",
-    "a good voice makes every word easy to follow",
-    "reinforcement learning makes speech clearer",
-    "the rain in spain stays mainly in the plain",
-    "we will meet at the station at noon",
-    "open the window and let the fresh air in",
-]
-
-
-def write_demo_prompts(folder: str | Path, voices: int = 4, seconds: float = 2.0) -> Path:
-    """A small prompt set for the embedded demo: voice prompts are synthetic harmonic tones of different pitch
-    (real speech needs a hub or espeak-ng), texts are English so that the offline pocketsphinx CER applies."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rate, rng = 24000, np.random.default_rng(0)
-    t = np.arange(int(seconds * rate)) / rate
-    rows = []
-    for v in range(voices):
-        f0 = 110.0 * (1.25 ** v)
-        vibrato = 1 + 0.02 * np.sin(2 * np.pi * 5 * t)
-        wave = sum(np.sin(2 * np.pi * f0 * k * vibrato * t) / k for k in range(1, 6))
-        wave = (0.1 * wave * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t) ** 2) + 0.003 * rng.normal(size=t.size))
-        sf.write(folder / f"voice{v}.wav", wave.astype(np.float32), rate)
-    for i, text in enumerate(DEMO_TEXTS):
-        rows.append({"text": text, "language": "en", "prompt_wav": f"voice{i % voices}.wav",
-                     "prompt_text": "hello there"})
-    data = folder / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data
