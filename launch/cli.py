@@ -10,17 +10,28 @@ from importlib.resources import files
 
 
 def _train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from vocalign.eval.heldout import compare
     from vocalign.eval.plots import plot_reward_curves, read_metrics
     from vocalign.rlhf.recipe import load_recipe
     from vocalign.rlhf.trainer import GRPOTrainer
 
+    log = logging.getLogger("vocalign")
     run, config = load_recipe(args.config, args.set)
+    main_process = PartialState().is_main_process
+    # the starting policy is scored before the trainer wraps it (LoRA, DeepSpeed) or a resume loads trained weights
+    before = run.heldout.score(run.model) if run.heldout is not None and main_process else None
     trainer = GRPOTrainer(run.model, run.env, run.scorer, run.prompts, config)
     trainer.train()
-    if trainer.accelerator.is_main_process:
+    if main_process:
         png = plot_reward_curves({config.run_name or "run": read_metrics(trainer.metrics_path)},
                                  trainer.output_dir / "reward_curves.png")
-        logging.getLogger("vocalign").info("metrics: %s  plot: %s", trainer.metrics_path, png)
+        log.info("metrics: %s  plot: %s", trainer.metrics_path, png)
+        if run.heldout is not None:
+            after = run.heldout.score(run.heldout.trained_policy(trainer.output_dir / "final",
+                                                                 trainer.accelerator.device))
+            compare({"sft": before, "grpo": after}, trainer.output_dir)
     return 0
 
 
@@ -114,6 +125,23 @@ def _tiny_ckpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_tts(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vocalign.rlhf.demo_tts import build_demo_tts, load_demo_config
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like sft.steps=600")
+        overrides[key] = yaml.safe_load(value)
+    out = build_demo_tts(load_demo_config(args.config, overrides))
+    logging.getLogger("vocalign").info("demo TTS: %s/ckpt, prompts in %s/prompts, provenance %s/provenance.json",
+                                       out, out, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vocalign", description="GRPO alignment for LLM-based TTS")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -165,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     sweep = sub.add_parser("sweep", help="run a grid of recipe overrides; writes a results table and reward curves")
-    sweep.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/demo_2x2.yaml")
+    sweep.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/demo_ablation.yaml")
     sweep.set_defaults(func=_sweep)
 
     sft = sub.add_parser("sft", help="LoRA voice customisation of the speech LM on one speaker's recordings")
@@ -179,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--phonemes", help="G2P_all_phonemes.json, to give the tokenizer the released phoneme tokens")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny_ckpt)
+
+    demo = sub.add_parser("make-demo-tts", help="train the demo TTS from espeak-ng speech (CPU, about 20 minutes)")
+    demo.add_argument("config", nargs="?", default=str(files("vocalign.configs") / "demo_tts.yaml"),
+                      help="demo TTS recipe (default: configs/demo_tts.yaml)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a setting, e.g. --set output_dir=runs/my_demo --set sft.steps=600")
+    demo.set_defaults(func=_demo_tts)
     return parser
 
 

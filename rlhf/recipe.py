@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import yaml
 
+from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings
+
 from .config import GRPOConfig, from_dict, load_yaml
 from .rollout import RolloutEnv, Scorer
 from .toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
@@ -29,44 +31,63 @@ class Run:
     env: RolloutEnv
     scorer: Scorer
     prompts: Sequence[Any]
+    heldout: HeldoutEvaluation | None = None  # the recipe's `eval` section: before/after scores on held-out data
 
 
-def build_toy(settings: dict[str, Any], rewards: list[dict[str, Any]], config: GRPOConfig) -> Run:
+def build_toy(settings: dict[str, Any], rewards: list[dict[str, Any]], config: GRPOConfig,
+              heldout: dict[str, Any] | None) -> Run:
     if rewards:
         raise ValueError("the toy environment scores its own tokens; remove the `rewards` section")
+    if heldout is not None:
+        raise ValueError("the toy environment has no held-out evaluation; remove the `eval` section")
     cfg = from_dict(ToyConfig, settings, "env")
     return Run(build_toy_model(cfg), ToyEnv(cfg), ToyScorer(cfg), toy_prompts(cfg))
 
 
-def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config: GRPOConfig) -> Run:
-    """``ckpt``: a folder in the published layout, or ``tiny`` (a random tiny one written under output_dir);
-    ``data``: a JSON-lines/parquet prompt file, or ``demo``; ``flow_steps``; ``trust_remote_code``."""
+def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config: GRPOConfig,
+                 heldout: dict[str, Any] | None) -> Run:
+    """``ckpt``: a checkpoint folder, ``demo`` (the demo TTS vocalign ships, see ``vocalign make-demo-tts``) or
+    ``tiny`` (a random tiny one in the published layout, written under output_dir); ``data``: a JSON-lines/parquet
+    prompt file, or ``demo`` (the demo's GRPO prompts); ``flow_steps``; ``trust_remote_code``."""
+    from accelerate import PartialState
+
     from vocalign.policies.checkpoints import write_tiny_checkpoint
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
 
-    from .tts_env import RewardScorer, TTSEnv, build_plugin, load_prompt_rows, write_demo_prompts
+    from .demo_tts import DEMO_CKPT, DEMO_PROMPTS
+    from .tts_env import RewardScorer, TTSEnv, build_plugin, load_prompt_rows
 
     known = {"ckpt", "data", "flow_steps", "trust_remote_code"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown env setting(s) {unknown} for glmtts; known: {sorted(known)}")
-    output = Path(config.output_dir)
-    ckpt = settings.get("ckpt")
-    if ckpt is None:
-        raise ValueError("env.ckpt is required: a GLM-TTS checkpoint folder, or `tiny` for a random tiny one")
-    if ckpt == "tiny":
-        ckpt = output / "tiny-ckpt"
-        if not (ckpt / "llm" / "config.json").is_file():
-            write_tiny_checkpoint(ckpt)
-    data = settings.get("data", "demo")
-    data = write_demo_prompts(output / "demo-prompts") if data == "demo" else Path(data)
-    pipeline = TTSPipeline.from_pretrained(ckpt, trust_remote_code=bool(settings.get("trust_remote_code", False)))
+    for required in ("ckpt", "data"):
+        if settings.get(required) is None:
+            raise ValueError(f"env.{required} is required: "
+                             + ("a checkpoint folder, `demo` or `tiny`" if required == "ckpt"
+                                else "a JSON-lines/parquet prompt file, or `demo`"))
+    state = PartialState()
+    ckpt = {"demo": DEMO_CKPT, "tiny": Path(config.output_dir) / "tiny-ckpt"}.get(settings["ckpt"],
+                                                                                  Path(settings["ckpt"]))
+    if settings["ckpt"] == "tiny":
+        with state.main_process_first():  # one process writes it, the others read it
+            if state.is_main_process and not (ckpt / "llm" / "config.json").is_file():
+                write_tiny_checkpoint(ckpt)
+    data = DEMO_PROMPTS / "train.jsonl" if settings["data"] == "demo" else Path(settings["data"])
+    pipeline = TTSPipeline.from_pretrained(ckpt, trust_remote_code=bool(settings.get("trust_remote_code", False)),
+                                           device=str(state.device))
     env = TTSEnv(pipeline, SynthesisSettings(flow_steps=int(settings.get("flow_steps", 10))))
     scorer = RewardScorer([build_plugin(spec) for spec in rewards])
-    return Run(pipeline.lm.model, env, scorer, load_prompt_rows(data))
+    evaluation = None
+    if heldout is not None:
+        eval_settings = from_dict(HeldoutSettings, heldout, "eval")
+        rows_path = DEMO_PROMPTS / "heldout.jsonl" if eval_settings.data == "demo" else Path(eval_settings.data)
+        evaluation = HeldoutEvaluation(env, scorer.plugins, load_prompt_rows(rows_path), eval_settings,
+                                       ckpt / "llm")
+    return Run(pipeline.lm.model, env, scorer, load_prompt_rows(data), evaluation)
 
 
-Builder = Callable[[dict[str, Any], list[dict[str, Any]], GRPOConfig], Run]
+Builder = Callable[[dict[str, Any], list[dict[str, Any]], GRPOConfig, dict[str, Any] | None], Run]
 ENVIRONMENTS: dict[str, Builder] = {"toy": build_toy, "glmtts": build_glmtts}
 
 
@@ -88,9 +109,9 @@ def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[st
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Run, GRPOConfig]:
     recipe = apply_overrides(load_yaml(path), overrides)
-    unknown = sorted(set(recipe) - {"env", "trainer", "rewards"})
+    unknown = sorted(set(recipe) - {"env", "trainer", "rewards", "eval"})
     if unknown:
-        raise ValueError(f"{path}: unknown top-level section(s) {unknown}; a recipe has env, trainer and rewards")
+        raise ValueError(f"{path}: unknown top-level section(s) {unknown}; a recipe has env, trainer, rewards and eval")
     env_settings = dict(recipe.get("env") or {})
     name = env_settings.pop("name", None)
     if name not in ENVIRONMENTS:
@@ -99,4 +120,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Run, G
     rewards = recipe.get("rewards") or []
     if not isinstance(rewards, list):
         raise ValueError(f"{path}: `rewards` must be a list of {{name: ..., ...settings}}")
-    return ENVIRONMENTS[name](env_settings, rewards, config), config
+    heldout = recipe.get("eval")
+    if heldout is not None and not isinstance(heldout, dict):
+        raise ValueError(f"{path}: `eval` must be a mapping (data, seeds, ...)")
+    return ENVIRONMENTS[name](env_settings, rewards, config, heldout), config
