@@ -1,0 +1,316 @@
+"""The demo TTS: a small GLM-TTS-shaped model that vocalign trains from nothing but espeak-ng, on a CPU.
+
+GRPO can only improve a policy that already speaks. This recipe makes one in minutes, in the shape of GLM-TTS, so
+that the main job shows the real loop (LM sampling -> audio -> ASR and speaker rewards -> update) make speech
+measurably clearer. Read top to bottom:
+
+1. voices and texts: espeak-ng voices split into SFT/RL voices and held-out voices, word strings split so that no
+   held-out text is ever trained on;
+2. speech: espeak-ng renders every utterance at 16 kHz;
+3. codec: k-means mel units (:mod:`vocalign.policies.mel_units`) fitted on the SFT speech, 25 codes a second;
+4. tokenizer: word level over the domain's words, with the control and speech tokens of the published layout;
+5. SFT: a Llama trained from scratch on (voice prompt, text) -> speech codes, laid out exactly as GLM-TTS's LM reads
+   them (prompt text, text, ``<|begin_of_audio|>``, prompt codes, then the codes to predict). It stops at
+   ``sft.steps``, before convergence, so that reinforcement learning has headroom;
+6. files: ``ckpt/`` (``llm/``, ``vq32k-phoneme-tokenizer/``, ``mel_units/``; ``TTSPipeline.from_pretrained``
+   loads it), ``prompts/`` (voice prompts, ``train.jsonl`` for GRPO, ``heldout.jsonl`` for evaluation) and
+   ``provenance.json``.
+
+Everything is seeded; the espeak-ng version is recorded, since another version speaks slightly differently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import platform
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+
+from vocalign.policies.codec import MelUnitCodec
+from vocalign.policies.frontend.tokenizer import build_word_tokenizer
+from vocalign.policies.mel_units import MelUnits, MelUnitsConfig
+from vocalign.policies.pipeline import MEL_UNITS_DIR
+from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
+from vocalign.rewards.audio import to_model_rate
+
+from .config import from_dict, load_yaml
+from .sft import Example, collate, sft_step, shuffled_batches
+
+logger = logging.getLogger(__name__)
+
+# The demo TTS vocalign ships (built by `vocalign make-demo-tts configs/demo_tts.yaml`), inside the package so that an
+# installed vocalign finds it.
+DEMO_DIR = Path(str(files("vocalign.policies"))) / "demo"
+DEMO_CKPT = DEMO_DIR / "ckpt"
+DEMO_PROMPTS = DEMO_DIR / "prompts"
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@dataclass
+class SpeechSettings:
+    rate: int = 150  # espeak-ng words per minute
+    train_voices: list[str] = field(default_factory=lambda: [
+        "en-us+m1", "en-us+m2", "en-us+m4", "en-us+f1", "en-us+f2", "en-us+f3", "en-us+klatt", "en-us+klatt3",
+        "en-us+Alex", "en-us+benjamin", "en-us+edward", "en-us+max", "en-us+michael", "en-us+grandpa",
+        "en-us+victor", "en-us+caleb"])
+    heldout_voices: list[str] = field(default_factory=lambda: [
+        "en-us+m5", "en-us+m6", "en-us+f4", "en-us+f5", "en-us+klatt2", "en-us+klatt4", "en-us+adam",
+        "en-us+david"])
+
+
+@dataclass
+class TextSettings:
+    words: list[str] = field(default_factory=lambda: list(DIGITS))
+    min_words: int = 3
+    max_words: int = 6
+
+
+@dataclass
+class DataSettings:
+    sft_utterances_per_voice: int = 60
+    prompts_per_utterance: int = 2  # SFT pairs each utterance with this many voice prompts of its speaker
+    rl_prompts: int = 96  # GRPO prompt rows (SFT voices, texts not in SFT)
+    heldout_utterances: int = 64  # evaluation rows (held-out voices and texts)
+
+
+@dataclass
+class ModelSettings:
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+
+
+@dataclass
+class SFTSettings:
+    steps: int = 800
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DemoTTSConfig:
+    output_dir: str = "runs/demo_tts"
+    seed: int = 0
+    speech: SpeechSettings = field(default_factory=SpeechSettings)
+    text: TextSettings = field(default_factory=TextSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    codec: MelUnitsConfig = field(default_factory=MelUnitsConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    sft: SFTSettings = field(default_factory=SFTSettings)
+
+    def __post_init__(self) -> None:
+        shared = sorted(set(self.speech.train_voices) & set(self.speech.heldout_voices))
+        if shared:
+            raise ValueError(f"voices {shared} are both trained on and held out; a held-out voice must be new")
+        if not self.speech.train_voices or not self.speech.heldout_voices:
+            raise ValueError("speech.train_voices and speech.heldout_voices must both name voices")
+        if not 1 <= self.text.min_words <= self.text.max_words:
+            raise ValueError("text.min_words must be >= 1 and <= text.max_words")
+        if self.data.sft_utterances_per_voice < 2:
+            raise ValueError("data.sft_utterances_per_voice must be >= 2 (a voice prompt is another utterance)")
+
+
+def load_demo_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DemoTTSConfig:
+    data = load_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return from_dict(DemoTTSConfig, data, "demo_tts")
+
+
+# ---------------------------------------------------------------------------------------------- 1-2: speech
+def espeak_version() -> str:
+    if shutil.which("espeak-ng") is None:
+        raise FileNotFoundError("espeak-ng is not installed; `bash launch/setup.sh` installs it "
+                                "(or `apt-get install espeak-ng`)")
+    return subprocess.run(["espeak-ng", "--version"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def speak(text: str, voice: str, rate: int, sample_rate: int = 16000) -> np.ndarray:
+    """espeak-ng speaking ``text`` to memory, resampled to ``sample_rate``."""
+    result = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "--stdout", text], capture_output=True)
+    if result.returncode != 0 or not result.stdout:
+        raise ValueError(f"espeak-ng could not speak with voice {voice!r}: {result.stderr.decode().strip()}")
+    audio, rate_in = sf.read(io.BytesIO(result.stdout), dtype="float32")
+    return to_model_rate(audio, rate_in, sample_rate)
+
+
+@dataclass
+class Utterance:
+    voice: str
+    text: str
+    audio: np.ndarray | None = None
+    codes: list[int] | None = None
+
+
+@dataclass
+class Corpus:
+    sft: list[Utterance]  # SFT voices; the first utterance of each voice is its GRPO voice prompt
+    rl_texts: list[str]  # GRPO targets (SFT voices)
+    heldout_prompts: list[Utterance]  # one voice prompt per held-out voice
+    heldout_texts: list[str]  # evaluation targets (held-out voices)
+
+
+def make_corpus(cfg: DemoTTSConfig) -> Corpus:
+    """Texts drawn without repetition, so that held-out texts (targets and prompt transcripts) never occur in SFT
+    or GRPO, then spoken by their voices."""
+    rng = random.Random(cfg.seed)
+    speech, text, data = cfg.speech, cfg.text, cfg.data
+    needed = (len(speech.train_voices) * data.sft_utterances_per_voice + data.rl_prompts
+              + len(speech.heldout_voices) + data.heldout_utterances)
+    possible = sum(len(text.words) ** n for n in range(text.min_words, text.max_words + 1))
+    if needed > possible // 2:
+        raise ValueError(f"{needed} distinct texts asked of only {possible} possible; lengthen the texts")
+    texts: list[str] = []
+    seen: set[str] = set()
+    while len(texts) < needed:
+        candidate = " ".join(rng.choice(text.words) for _ in range(rng.randint(text.min_words, text.max_words)))
+        if candidate not in seen:
+            seen.add(candidate)
+            texts.append(candidate)
+    per_voice = data.sft_utterances_per_voice
+    sft = [Utterance(voice, texts.pop()) for voice in speech.train_voices for _ in range(per_voice)]
+    rl_texts = [texts.pop() for _ in range(data.rl_prompts)]
+    heldout_prompts = [Utterance(voice, texts.pop()) for voice in speech.heldout_voices]
+    heldout_texts = [texts.pop() for _ in range(data.heldout_utterances)]
+    for utt in tqdm(sft + heldout_prompts, desc="espeak-ng", unit="utt"):
+        utt.audio = speak(utt.text, utt.voice, speech.rate, cfg.codec.sample_rate)
+    return Corpus(sft, rl_texts, heldout_prompts, heldout_texts)
+
+
+# ---------------------------------------------------------------------------------------------- 3-5: models
+def sft_examples(lm: SpeechLM, utterances: list[Utterance], prompts_per_utterance: int, seed: int) -> list[Example]:
+    """Each utterance with ``prompts_per_utterance`` other utterances of its voice as voice prompt."""
+    rng = random.Random(seed)
+    by_voice: dict[str, list[Utterance]] = {}
+    for utt in utterances:
+        by_voice.setdefault(utt.voice, []).append(utt)
+    examples = []
+    for utt in utterances:
+        others = [u for u in by_voice[utt.voice] if u is not utt]
+        for prompt in rng.sample(others, min(prompts_per_utterance, len(others))):
+            examples.append(lm.training_example(TTSPrompt(utt.text, prompt.text, prompt.codes), utt.codes))
+    return examples
+
+
+def new_speech_lm(cfg: DemoTTSConfig) -> SpeechLM:
+    tokenizer = build_word_tokenizer(cfg.text.words, cfg.codec.num_codes)
+    m = cfg.model
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                         num_key_value_heads=m.num_heads, max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return SpeechLM(LlamaForCausalLM(config), tokenizer, cfg.codec.num_codes)
+
+
+def train_sft(lm: SpeechLM, examples: list[Example], cfg: SFTSettings, seed: int) -> list[float]:
+    """AdamW, linear warm-up then a constant rate (so that a shorter run is a prefix of a longer one)."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    optimizer = torch.optim.AdamW(lm.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+    model, optimizer = accelerator.prepare(lm.model, optimizer)
+    batches = shuffled_batches(examples, cfg.batch_size, seed)
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="sft", unit="step")
+    for _ in bar:
+        losses.append(sft_step(model, collate(next(batches), lm.vocab.pad), optimizer, accelerator, cfg.max_grad_norm,
+                               scheduler))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    lm.model = accelerator.unwrap_model(model).cpu().eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------- 6: files
+def write_prompts(folder: Path, corpus: Corpus, sample_rate: int) -> dict[str, Path]:
+    """Voice prompts as 16-bit FLAC, ``train.jsonl`` (GRPO) and ``heldout.jsonl`` (evaluation)."""
+    (folder / "voices").mkdir(parents=True, exist_ok=True)
+    first_of_voice: dict[str, Utterance] = {}
+    for utt in corpus.sft:
+        first_of_voice.setdefault(utt.voice, utt)
+    files = {}
+    for name, prompts, targets in (("train", list(first_of_voice.values()), corpus.rl_texts),
+                                   ("heldout", corpus.heldout_prompts, corpus.heldout_texts)):
+        rows = []
+        for prompt in prompts:
+            wav = Path("voices") / f"{prompt.voice.replace('+', '_')}.flac"
+            sf.write(folder / wav, prompt.audio, sample_rate, subtype="PCM_16")
+        for i, target in enumerate(targets):
+            prompt = prompts[i % len(prompts)]
+            rows.append({"text": target, "language": "en", "prompt_text": prompt.text, "voice": prompt.voice,
+                         "prompt_wav": f"voices/{prompt.voice.replace('+', '_')}.flac"})
+        files[name] = folder / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def build_demo_tts(cfg: DemoTTSConfig) -> Path:
+    """Run every step; returns the output folder (``ckpt/``, ``prompts/``, ``provenance.json``)."""
+    started = time.perf_counter()
+    version = espeak_version()
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    corpus = make_corpus(cfg)
+    t_speech = time.perf_counter() - started
+
+    units = MelUnits.fit([u.audio for u in corpus.sft], cfg.codec, cfg.seed)
+    codec = MelUnitCodec(units)
+    for utt in corpus.sft:
+        utt.codes = units.encode(utt.audio)
+    lm = new_speech_lm(cfg)
+    examples = sft_examples(lm, corpus.sft, cfg.data.prompts_per_utterance, cfg.seed)
+    t_codec = time.perf_counter() - started - t_speech
+    logger.info("%d SFT utterances (%d voices), %d examples, %.1f M parameters", len(corpus.sft),
+                len(cfg.speech.train_voices), len(examples), sum(p.numel() for p in lm.model.parameters()) / 1e6)
+    losses = train_sft(lm, examples, cfg.sft, cfg.seed)
+    t_sft = time.perf_counter() - started - t_speech - t_codec
+
+    ckpt = out / "ckpt"
+    lm.model.save_pretrained(ckpt / "llm", safe_serialization=True)
+    lm.tokenizer.save_pretrained(ckpt / "vq32k-phoneme-tokenizer")
+    codec.units.save(ckpt / MEL_UNITS_DIR)
+    prompt_files = write_prompts(out / "prompts", corpus, codec.sample_rate)
+    provenance = {
+        "command": "vocalign make-demo-tts configs/demo_tts.yaml",
+        "config": asdict(cfg),
+        "espeak_ng": version,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "data": {"sft_utterances": len(corpus.sft), "sft_examples": len(examples),
+                 "sft_seconds_of_speech": round(sum(len(u.audio) for u in corpus.sft) / codec.sample_rate, 1),
+                 "sft_codes": sum(len(u.codes) for u in corpus.sft),
+                 "rl_prompts": len(corpus.rl_texts), "heldout_utterances": len(corpus.heldout_texts)},
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "sft_loss": {"first": losses[0], "last_50_mean": float(np.mean(losses[-50:])),
+                     "every_50": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)]},
+        "seconds": {"speech": round(t_speech, 1), "codec": round(t_codec, 1), "sft": round(t_sft, 1)},
+        "files": {name: str(path.relative_to(out)) for name, path in prompt_files.items()},
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    logger.info("demo TTS in %s (%.0f s)", out, time.perf_counter() - started)
+    return out
