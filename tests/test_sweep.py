@@ -1,11 +1,11 @@
-"""A 2x2 sweep on the embedded demo writes the results table and the plot."""
+"""Sweeps: grids and named variants; the demo ablation writes the table (with held-out metrics) and the plot."""
 
 import csv
 
 import pytest
 import yaml
 
-from vocalign.launch.sweep import grid_runs, run_name, run_sweep, summary_row
+from vocalign.launch.sweep import grid_runs, run_name, run_sweep, summary_row, sweep_runs
 
 from .conftest import REPO
 
@@ -23,18 +23,30 @@ def test_grid_and_summary_by_hand():
                    "cer": pytest.approx(0.5)}
     with pytest.raises(ValueError, match="non-empty lists"):
         grid_runs({"trainer.beta": []})
+    heldout = {"sft": {"error_rate": 0.5, "sim": 0.6}, "grpo": {"error_rate": 0.3, "sim": 0.61}}
+    row = summary_row("r", {}, metrics, last=1, heldout=heldout)
+    assert row["heldout sft error_rate"] == 0.5 and row["heldout grpo sim"] == 0.61
 
 
-def test_demo_2x2_sweep_writes_table_and_plot(tmp_path):
-    spec = yaml.safe_load((REPO / "configs" / "sweeps" / "demo_2x2.yaml").read_text())
+def test_variants_are_named_runs():
+    runs = sweep_runs({"variants": {"full": {}, "no_resampling": {"trainer.resample.enabled": False}}})
+    assert runs == [("full", {}), ("no_resampling", {"trainer.resample.enabled": False})]
+    with pytest.raises(ValueError, match="either `grid`"):
+        sweep_runs({"grid": {"trainer.beta": [0.0]}, "variants": {"a": {}}})
+    with pytest.raises(ValueError, match="map run names to mappings"):
+        sweep_runs({"variants": {"a": ["trainer.beta=0"]}})
+
+
+def test_demo_ablation_writes_table_with_heldout_metrics_and_plot(tmp_path):
+    spec = yaml.safe_load((REPO / "configs" / "sweeps" / "demo_ablation.yaml").read_text())
     spec["base"] = str(REPO / "configs" / "grpo_demo_cpu.yaml")
     spec["output_dir"] = str(tmp_path / "sweep")
-    spec["overrides"] = ["trainer.max_steps=1", "env.flow_steps=1", "trainer.max_completion_length=20",
-                         "trainer.report_to=none"]
+    spec["overrides"] = ["trainer.max_steps=1", "trainer.prompts_per_step=2", "trainer.num_generations=2",
+                         "trainer.report_to=none", "eval.seeds=[0]", "eval.limit=2"]
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = run_sweep(path)
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 4
-    assert {r["reward_weights.sim"] for r in rows} == {"0.0", "0.1"} and {"cer", "sim", "energy"} <= set(rows[0])
+    assert [r["run"] for r in rows] == ["full", "sum_then_normalize", "no_resampling", "fixed_clip"]
+    assert {"cer", "sim", "heldout sft error_rate", "heldout grpo error_rate"} <= set(rows[0])
     assert (out / "results.md").read_text().count("\n") == 6 and (out / "reward_curves.png").stat().st_size > 0
