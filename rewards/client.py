@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
 import threading
 import time
@@ -108,7 +109,9 @@ class RewardClient:
             raise ValueError(f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout_s = timeout_s
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
+        # aiohttp rounds timeouts over ceil_threshold up to a whole second: fail-over time is kept exact instead
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s),
+                                             ceil_threshold=math.inf)
         self.retries, self.backoff_s, self.cooldown_s = retries, backoff_s, cooldown_s
         self.chunk, self.encoding = max_samples_per_request, encoding
         self.stats = ClientStats()
