@@ -40,8 +40,11 @@ _T = TypeVar("_T")
 _RETRYABLE = frozenset({408, 429})  # the server's state, not the request, is at fault: another server may answer
 
 
-class RewardServerError(RuntimeError):
-    """No configured server could score the request; the message names each server asked and why it failed."""
+class RewardServerError(ConnectionError):
+    """No configured server could score the request; the message names each server asked and why it failed.
+
+    A ``ConnectionError``: the reward service is unavailable, so a command line can report it in one line, as it
+    does other unreachable services, without importing this module."""
 
 
 class RewardRequestError(ValueError):
