@@ -2,7 +2,8 @@
 
 Both use the same server process, plugin and machine in this run. ``--plugin sim``: speaker similarity on a randomly
 initialised WavLM x-vector model of configurable size (no hub needed), compute-bound; ``--plugin energy``: no model,
-so the per-request cost (HTTP, encoding, scheduling) is all there is. Prints samples/s of each and the ratio.
+so the per-request cost (HTTP, encoding, scheduling) is all there is. Prints samples/s of each and the ratio, and
+the batched requests sent with a plain aiohttp session, to show what the client itself costs.
 Run: .venv/bin/python bench/reward_server.py [--plugin sim|energy] [--samples 64] [--seconds 3]
 """
 
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import torch
 import yaml
@@ -27,6 +29,7 @@ from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
 from vocalign.rewards.base import Sample
 from vocalign.rewards.client import RewardClient
+from vocalign.rewards.wire import MSGPACK, decode, encode, request_payload
 
 
 def write_model(folder: Path, hidden: int, layers: int) -> None:
@@ -56,6 +59,17 @@ def start(plugin: str, config: Path, max_batch: int, max_wait_ms: float) -> tupl
     raise RuntimeError("the reward server did not start")
 
 
+async def raw_aiohttp(url: str, samples: list[Sample], chunk: int) -> None:
+    """The batched client's requests sent with one plain aiohttp session: the yardstick for the client's overhead."""
+    async with aiohttp.ClientSession() as session:
+        async def post(part: list[Sample]) -> None:
+            async with session.post(f"{url}/score", data=encode(request_payload(part), MSGPACK),
+                                    headers={"Content-Type": MSGPACK, "Accept": MSGPACK}) as response:
+                assert len(decode(await response.read(), MSGPACK)["results"]) == len(part)
+
+        await asyncio.gather(*(post(samples[i:i + chunk]) for i in range(0, len(samples), chunk)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--plugin", choices=["sim", "energy"], default="sim")
@@ -80,13 +94,15 @@ def main() -> None:
         # the baseline server does no batching and never waits, like the released per-sample servers
         single_proc, single_url = start(args.plugin, config, 1, 0)
         proc, url = start(args.plugin, config, args.max_batch, 5)
+        single = RewardClient([single_url], retries=0)
+        client = RewardClient([url], retries=0, max_samples_per_request=args.max_batch)
         try:
-            single = RewardClient([single_url], retries=0)
-            client = RewardClient([url], retries=0, max_samples_per_request=args.max_batch)
-            single.score(samples[:2])  # warm-up
-            client.score(samples[:2])
+            single.score(samples[:2])  # warm-up: connections, allocations, the server's first large batches
+            client.score(samples)
+            asyncio.run(raw_aiohttp(url, samples, args.max_batch))
+
             async def one_request_per_sample() -> None:
-                for s in samples:  # each awaited in turn, a fresh connection each, as requests.post does
+                for s in samples:  # each awaited in turn (over one kept-alive connection)
                     await single.score_async([s])
 
             t0 = time.perf_counter()
@@ -95,7 +111,12 @@ def main() -> None:
             t0 = time.perf_counter()
             client.score(samples)  # chunks sent concurrently, gathered into batches by the server
             batched = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            asyncio.run(raw_aiohttp(url, samples, args.max_batch))  # the same requests, no client around them
+            raw = time.perf_counter() - t0
         finally:
+            single.close()
+            client.close()
             proc.kill()
             single_proc.kill()
     model = (f"WavLM x-vector, hidden {args.hidden}, {args.layers} layers, random weights" if args.plugin == "sim"
@@ -105,6 +126,7 @@ def main() -> None:
     print(f"one request per sample  {args.samples / one_by_one:8.2f} samples/s")
     print(f"batched                 {args.samples / batched:8.2f} samples/s")
     print(f"ratio batched/one-by-one = {one_by_one / batched:.2f}x")
+    print(f"raw aiohttp, same chunks {args.samples / raw:8.2f} samples/s (RewardClient reaches {raw / batched:.0%} of it)")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from importlib.resources import files
+
+from vocalign.rewards.limits import ServerLimits
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -36,17 +40,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
-    from vocalign.rewards.base import build_reward
-    from vocalign.rewards.server import ServerLimits, serve
-    from vocalign.rlhf.config import load_yaml
+    import yaml
 
-    settings = load_yaml(args.config) if args.config else {}
+    from vocalign.rewards.base import build_reward
+    from vocalign.rewards.server import serve
+
+    # everything the command line says is checked before a model is loaded
+    limits = ServerLimits(**{limit.name: getattr(args, limit.name) for limit in fields(ServerLimits)})
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    settings = {}
+    if args.config:
+        from vocalign.rlhf.config import load_yaml  # imports torch: only when there is a config to read
+
+        try:
+            settings = load_yaml(args.config)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {args.config} is not valid YAML: {' '.join(str(err).split())}") from None
     target = settings.pop("target", None)
     plugin = build_reward(args.name, target, **settings)
-    limits = ServerLimits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                          max_request_bytes=int(args.max_request_mb * 2**20),
-                          max_samples_per_request=args.max_samples_per_request)
-    serve(plugin, host=args.host, port=args.port, limits=limits)
+    try:
+        serve(plugin, host=args.host, port=args.port, limits=limits)
+    except OSError as err:  # the address is taken, or not one of this host's
+        logging.getLogger("vocalign").error("cannot serve on %s port %d: %s", args.host, args.port,
+                                            os.strerror(err.errno) if err.errno else err, exc_info=args.verbose)
+        return 2
     return 0
 
 
@@ -158,10 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("--config", help="YAML with the plugin's settings (and `target: pkg.module:Class`)")
     reward.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     reward.add_argument("--port", type=int, default=8100)
-    reward.add_argument("--max-batch", type=int, default=32, help="samples per model call")
-    reward.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
-    reward.add_argument("--max-request-mb", type=float, default=64.0)
-    reward.add_argument("--max-samples-per-request", type=int, default=256)
+    for limit in fields(ServerLimits):
+        reward.add_argument(f"--{limit.name.replace('_', '-')}", type=type(limit.default), default=limit.default,
+                            help=f"{limit.metadata['help']} (default: %(default)s)")
     reward.set_defaults(func=_serve_reward)
 
     synth = sub.add_parser("synth", help="text + voice prompt -> wav with a GLM-TTS checkpoint")

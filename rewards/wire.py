@@ -2,13 +2,19 @@
 
 A sample is a mapping ``{"audio": bytes, "encoding": "f32"|"s16", "sample_rate": int, "text": str,
 "language": str, "prompt_audio"?: bytes, "prompt_encoding"?, "prompt_sample_rate"?, "emotion"?}``; JSON carries the
-bytes as base64 strings. A request is ``{"samples": [...], "upstream"?: {reward: [{"value", "info"}]}}``.
+bytes as base64 strings. A request is ``{"samples": [...], "upstream"?: {reward: [{"value", "info"}]}}``, a reply
+``{"results": [{"value", "info"}]}`` or ``{"error": str, "samples"?: [{"index", "reason"}]}``.
+
+Both ends read with the same strict checks: anything that does not follow the format raises :class:`WireError`
+saying where, so a server answers 400 (never 500) and a client rejects a reply with the wrong number of results or a
+value that is not a finite number.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,10 +26,11 @@ from .base import RewardResult, Sample
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 _DTYPES = {"f32": "<f4", "s16": "<i2"}
+ENCODINGS = tuple(_DTYPES)
 
 
 class WireError(ValueError):
-    """A request that does not follow the format; the message says where."""
+    """A request or reply that does not follow the format; the message says where."""
 
 
 def _pcm_bytes(audio: np.ndarray, encoding: str) -> bytes:
@@ -32,7 +39,9 @@ def _pcm_bytes(audio: np.ndarray, encoding: str) -> bytes:
     return np.asarray(audio, dtype="<f4").tobytes()
 
 
-def _pcm_array(data: Any, encoding: str, where: str) -> np.ndarray:
+def _pcm_array(data: Any, encoding: Any, where: str) -> np.ndarray:
+    if not isinstance(encoding, str) or encoding not in _DTYPES:
+        raise WireError(f"{where}: encoding must be one of {sorted(_DTYPES)}, got {encoding!r}")
     if isinstance(data, str):
         try:
             data = base64.b64decode(data, validate=True)
@@ -40,13 +49,15 @@ def _pcm_array(data: Any, encoding: str, where: str) -> np.ndarray:
             raise WireError(f"{where}: audio is not valid base64") from None
     if not isinstance(data, (bytes, bytearray)):
         raise WireError(f"{where}: audio must be bytes (msgpack) or a base64 string (JSON)")
-    if encoding not in _DTYPES:
-        raise WireError(f"{where}: encoding must be one of {sorted(_DTYPES)}, got {encoding!r}")
     width = np.dtype(_DTYPES[encoding]).itemsize
     if len(data) % width:
         raise WireError(f"{where}: {len(data)} audio bytes is not a whole number of {encoding} samples")
     audio = np.frombuffer(data, dtype=_DTYPES[encoding])
     return (audio.astype(np.float32) / 32768.0) if encoding == "s16" else audio.astype(np.float32)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def sample_to_wire(sample: Sample, encoding: str = "f32") -> dict[str, Any]:
@@ -64,20 +75,25 @@ def sample_from_wire(item: Any, index: int) -> Sample:
     where = f"sample {index}"
     if not isinstance(item, Mapping):
         raise WireError(f"{where} must be an object")
-    for key, kind in (("audio", None), ("sample_rate", int), ("text", str), ("language", str)):
+    for key in ("audio", "sample_rate", "text", "language"):
         if key not in item:
             raise WireError(f"{where}: missing field {key!r}")
-        if kind is not None and not isinstance(item[key], kind):
-            raise WireError(f"{where}: field {key!r} must be {kind.__name__}")
+    if not _is_int(item["sample_rate"]):
+        raise WireError(f"{where}: field 'sample_rate' must be an integer, got {type(item['sample_rate']).__name__}")
+    for key in ("text", "language"):
+        if not isinstance(item[key], str):
+            raise WireError(f"{where}: field {key!r} must be a string, got {type(item[key]).__name__}")
+    emotion = item.get("emotion")
+    if emotion is not None and not isinstance(emotion, str):
+        raise WireError(f"{where}: field 'emotion' must be a string, got {type(emotion).__name__}")
     prompt = None
     if item.get("prompt_audio") is not None:
-        if not isinstance(item.get("prompt_sample_rate"), int):
+        if not _is_int(item.get("prompt_sample_rate")):
             raise WireError(f"{where}: prompt_audio needs an integer prompt_sample_rate")
         prompt = _pcm_array(item["prompt_audio"], item.get("prompt_encoding", "f32"), f"{where} prompt")
     return Sample(audio=_pcm_array(item["audio"], item.get("encoding", "f32"), where),
                   sample_rate=item["sample_rate"], text=item["text"], language=item["language"],
-                  prompt_audio=prompt, prompt_sample_rate=item.get("prompt_sample_rate"),
-                  emotion=item.get("emotion"))
+                  prompt_audio=prompt, prompt_sample_rate=item.get("prompt_sample_rate"), emotion=emotion)
 
 
 def encode(payload: Mapping[str, Any], content_type: str) -> bytes:
@@ -92,21 +108,45 @@ def encode(payload: Mapping[str, Any], content_type: str) -> bytes:
     return json.dumps(payload, default=default).encode()
 
 
-def decode(body: bytes, content_type: str) -> Any:
+def decode(body: bytes | bytearray, content_type: str) -> Any:
+    what = "msgpack" if content_type == MSGPACK else "JSON"
     try:
         if content_type == MSGPACK:
             return msgpack.unpackb(body, raw=False, strict_map_key=True)
         return json.loads(body)
+    except RecursionError:  # JSON nested deeper than the interpreter's stack (msgpack's own limit is a ValueError)
+        raise WireError(f"body is not valid {what}: nested too deeply") from None
     except (ValueError, TypeError) as err:  # msgpack errors derive from ValueError
-        raise WireError(f"body is not valid {'msgpack' if content_type == MSGPACK else 'JSON'}: {err}") from None
+        raise WireError(f"body is not valid {what}: {err}") from None
 
 
 def request_payload(samples: Sequence[Sample], upstream: Mapping[str, Sequence[RewardResult]] | None = None,
                     encoding: str = "f32") -> dict[str, Any]:
     payload: dict[str, Any] = {"samples": [sample_to_wire(s, encoding) for s in samples]}
     if upstream:
-        payload["upstream"] = {k: [{"value": r.value, "info": r.info} for r in v] for k, v in upstream.items()}
+        payload["upstream"] = {k: results_to_wire(v) for k, v in upstream.items()}
     return payload
+
+
+def results_to_wire(results: Sequence[RewardResult]) -> list[dict[str, Any]]:
+    return [{"value": r.value, "info": r.info} for r in results]
+
+
+def results_from_wire(rows: Any, n: int, where: str) -> list[RewardResult]:
+    """Exactly ``n`` results, each with a finite number ``value`` and an object (or null) ``info``."""
+    if not isinstance(rows, list) or len(rows) != n:
+        got = f"{len(rows)} results" if isinstance(rows, list) else type(rows).__name__
+        raise WireError(f"{where} must hold one result per sample ({n}), got {got}")
+    out = []
+    for i, row in enumerate(rows):
+        value = row.get("value") if isinstance(row, Mapping) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise WireError(f"{where}: result {i} must be an object with a finite number 'value', got {row!r:.100}")
+        info = row.get("info")
+        if info is not None and not isinstance(info, Mapping):
+            raise WireError(f"{where}: result {i} 'info' must be an object, got {type(info).__name__}")
+        out.append(RewardResult(float(value), dict(info or {})))
+    return out
 
 
 def upstream_from_wire(raw: Any, n: int) -> dict[str, list[RewardResult]]:
@@ -114,9 +154,4 @@ def upstream_from_wire(raw: Any, n: int) -> dict[str, list[RewardResult]]:
         return {}
     if not isinstance(raw, Mapping):
         raise WireError("upstream must map reward names to result lists")
-    out = {}
-    for name, rows in raw.items():
-        if not isinstance(rows, list) or len(rows) != n:
-            raise WireError(f"upstream {name!r} must hold one result per sample ({n})")
-        out[name] = [RewardResult(float(r["value"]), dict(r.get("info") or {})) for r in rows]
-    return out
+    return {name: results_from_wire(rows, n, f"upstream {name!r}") for name, rows in raw.items()}

@@ -1,21 +1,28 @@
-"""Reward servers as real processes on loopback: batching, order, failover, limits."""
+"""Reward servers as real processes on loopback: batching, order, fail-over (killed and hung servers), limits,
+bounded memory, and the serve-reward command's refusals."""
 
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
+import aiohttp
 import numpy as np
+import psutil
 import pytest
 
+from vocalign.launch.cli import main
 from vocalign.rewards.base import Sample
 from vocalign.rewards.client import RewardClient, RewardRequestError, RewardServerError
 from vocalign.rewards.energy import EnergyReward
+from vocalign.rewards.wire import MSGPACK, encode, request_payload
 
 from .conftest import REPO
 
@@ -82,11 +89,14 @@ def test_64_concurrent_clients_get_their_own_answers_in_order_and_batches_form(s
     reference = EnergyReward()
     levels = [[0.001 * (1 + client) + 0.0001 * k for k in range(3)] for client in range(64)]
 
+    clients = [RewardClient([url], retries=0) for _ in range(64)]
+
     async def run_all():
-        clients = [RewardClient([url], retries=0) for _ in range(64)]
         return await asyncio.gather(*(c.score_async([sample(v) for v in lv]) for c, lv in zip(clients, levels)))
 
     answers = asyncio.run(run_all())
+    for client in clients:
+        client.close()
     for lv, got in zip(levels, answers):
         expected = reference.score([sample(v) for v in lv])
         assert [r.value for r in got] == pytest.approx([r.value for r in expected], abs=1e-6)
@@ -111,9 +121,105 @@ def test_killed_server_fails_over_then_gives_a_clear_error(servers):
     assert client.stats.failures_by_url.get(url_a, 0) >= 1
     second.kill()
     second.wait()
-    with pytest.raises(RewardServerError, match=f"all 3 attempts failed.*{url_a}|{url_b}") as err:
+    with pytest.raises(RewardServerError, match="no reward server could score 1 samples \\(3 attempts") as err:
         client.score([sample(0.1)])
-    assert url_a in str(err.value) and url_b in str(err.value)
+    assert str(err.value).count(url_a) == 1 and str(err.value).count(url_b) == 1  # each named once
+    client.close()
+
+
+def test_hung_servers_cost_one_timeout_each_then_the_error_names_each_once(servers):
+    """SIGSTOPped servers accept connections and never answer: the client must time out, go elsewhere, and not wait
+    on the same hung server twice."""
+    (first, url_a), (second, url_b) = servers(), servers()
+    timeout = 1.0
+    client = RewardClient([url_a, url_b], retries=3, backoff_s=0.05, timeout_s=timeout, max_samples_per_request=1)
+    try:
+        assert len(client.score([sample(0.1)] * 4)) == 4
+        assert get_json(f"{url_a}/info")["requests"] == 2 == get_json(f"{url_b}/info")["requests"]  # spread evenly
+        os.kill(first.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert len(client.score([sample(0.1)] * 4)) == 4  # the two chunks that began at the hung server move on
+        one_hung = time.monotonic() - t0
+        assert timeout <= one_hung < 2 * timeout and client.stats.failures_by_url == {url_a: 2}
+        t0 = time.monotonic()
+        assert len(client.score([sample(0.1)] * 4)) == 4
+        assert time.monotonic() - t0 < timeout / 2  # the hung server is asked last now: no timeout paid again
+        os.kill(second.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(RewardServerError, match=f"no answer within {timeout:g} s") as err:
+            client.score([sample(0.1)])
+        both_hung = time.monotonic() - t0
+        assert 2 * timeout <= both_hung < 2 * timeout + 0.5  # one timeout per hung server, each asked once
+        assert str(err.value).count(url_a) == 1 and str(err.value).count(url_b) == 1
+    finally:
+        client.close()
+        for proc in (first, second):
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_memory_stays_bounded_under_concurrent_large_requests(servers):
+    # 12 concurrent 25 MB requests: unbounded, the server grows by about 350 MB; holding 32 MiB of bodies at once,
+    # by about 80 MB
+    proc, url = servers("--max-request-mb", "32", "--max-inflight-mb", "32")
+    rng = np.random.default_rng(0)
+    body = encode(request_payload([Sample(rng.uniform(-0.1, 0.1, 16000 * 59).astype(np.float32), 16000, "", "en")
+                                   for _ in range(7)]), MSGPACK)
+    server = psutil.Process(proc.pid)
+    baseline, peak, done = server.memory_info().rss, [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], server.memory_info().rss)
+            time.sleep(0.005)
+
+    async def send_all():
+        async with aiohttp.ClientSession() as session:
+            async def one():
+                async with session.post(f"{url}/score", data=body, headers={"Content-Type": MSGPACK}) as response:
+                    await response.read()
+                    return response.status
+
+            return await asyncio.gather(*(one() for _ in range(12)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        statuses = asyncio.run(send_all())
+    finally:
+        done.set()
+        watcher.join()
+    assert statuses == [200] * 12
+    assert (peak[0] - baseline) / 2**20 < 160
+
+
+def test_serve_reward_port_in_use_is_one_line_and_exit_code_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "vocalign.launch.cli", "serve-reward", "energy", "--port",
+                                 str(port)], check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot serve on 127.0.0.1 port {port}: Address already in use" in lines[0], lines
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+    (["--max-batch", "0"], "server limit max_batch must be an integer > 0, got 0"),
+    (["--max-request-mb", "0"], "server limit max_request_mb must be a number > 0, got 0.0"),
+    (["--max-wait-ms", "-1"], "server limit max_wait_ms must be a number >= 0, got -1.0"),
+    (["--max-inflight-mb", "1"], "max_inflight_mb (1) must be at least max_request_mb (64)"),
+    (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["--config", "{bad}"], "is not valid YAML: while parsing a flow node expected the node content"),
+], ids=["port", "max-batch", "max-request-mb", "max-wait-ms", "inflight", "no-config", "bad-yaml"])
+def test_serve_reward_refuses_bad_settings_in_one_line(tmp_path, monkeypatch, caplog, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "{bad}").write_text("a: [\n")
+    assert main(["serve-reward", "energy", *args]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0].getMessage() and not errors[0].exc_info
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_limits_and_malformed_requests_get_4xx_with_reasons(servers):

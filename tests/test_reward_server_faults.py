@@ -1,0 +1,311 @@
+"""Reward server and client under faults, in one process on 127.0.0.1: bad samples, bad replies, malformed requests,
+stalled uploads, abandoned and oversized work, fairness between requests, bounded bookkeeping, connection reuse."""
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+from aiohttp import web
+
+from vocalign.rewards.base import RewardResult, Sample
+from vocalign.rewards.client import RewardClient, RewardRequestError, RewardServerError
+from vocalign.rewards.energy import EnergyReward
+from vocalign.rewards.limits import ServerLimits
+from vocalign.rewards.server import RewardServer
+from vocalign.rewards.wire import JSON, encode, request_payload
+
+
+class FakeReward:
+    """Value = the first audio sample; a 'fr' sample raises ValueError (like the CER reward without a French ASR),
+    text 'boom' raises RuntimeError; each model call sleeps ``seconds_per_sample`` per sample it scores."""
+
+    name = "fake"
+
+    def __init__(self, seconds_per_sample: float = 0.0) -> None:
+        self.seconds_per_sample = seconds_per_sample
+        self.scored: list[str] = []  # the text of every sample scored, in order
+
+    def score(self, samples):
+        for s in samples:
+            if s.language == "fr":
+                raise ValueError("no ASR configured for language 'fr'")
+            if s.text == "boom":
+                raise RuntimeError("the model blew up")
+        time.sleep(self.seconds_per_sample * len(samples))
+        self.scored.extend(s.text for s in samples)
+        return [RewardResult(float(s.audio[0]), {"text": s.text}) for s in samples]
+
+
+def sample(level=0.1, text="", language="en", n=1600):
+    return Sample(np.full(n, level, np.float32), 16000, text, language)
+
+
+@pytest.fixture
+def local_server():
+    """Start reward servers (or any aiohttp app) on 127.0.0.1 in a background event loop; all stop after the test."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runners = []
+
+    def start(plugin_or_app, **limits):
+        server = None
+        app = plugin_or_app
+        if not isinstance(app, web.Application):
+            server = RewardServer(plugin_or_app, ServerLimits(**limits))
+            app = server.app()
+
+        async def up():
+            runner = web.AppRunner(app, shutdown_timeout=1.0)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            return runner
+
+        runner = asyncio.run_coroutine_threadsafe(up(), loop).result(10)
+        runners.append(runner)
+        return server, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+@pytest.fixture
+def clients():
+    """RewardClients that are closed after the test."""
+    made = []
+
+    def make(urls, **settings):
+        made.append(RewardClient(urls, **settings))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def post(url, body, content_type="application/json", timeout=10):
+    request = urllib.request.Request(f"{url}/score", data=body,
+                                     headers={"Content-Type": content_type, "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def get_json(url):
+    return json.loads(urllib.request.urlopen(url, timeout=5).read())
+
+
+# ---------------------------------------------------------------- finding 1: a bad sample fails its own request only
+def test_a_bad_sample_fails_only_its_own_request_with_a_4xx_naming_it_and_is_not_retried(local_server, clients):
+    plugin = FakeReward()
+    server, url = local_server(plugin, max_batch=16, max_wait_ms=300)  # both requests land in one batch
+    good, bad = clients([url], retries=3, backoff_s=0.01), clients([url], retries=3, backoff_s=0.01)
+
+    async def together():
+        return await asyncio.gather(good.score_async([sample(0.1, "a"), sample(0.2, "b")]),
+                                    bad.score_async([sample(0.3, "c"), sample(0.4, "d", "fr"), sample(0.5, "e")]),
+                                    return_exceptions=True)
+
+    ok, refused = asyncio.run(together())
+    assert [r.value for r in ok] == pytest.approx([0.1, 0.2])
+    assert isinstance(refused, RewardRequestError)
+    assert "(422)" in str(refused) and "'index': 1" in str(refused) and "language 'fr'" in str(refused)
+    assert bad.stats.failed_attempts == 0 and server.requests == 2  # a 4xx is not retried
+    assert max(server.batch_sizes) == 5  # the two requests did share a model call
+
+    # a model failure (not a ValueError) is a 500 for its own request only; the client tries again, then says why
+    bad = clients([url], retries=1, backoff_s=0.01)
+
+    async def with_a_crash():
+        return await asyncio.gather(good.score_async([sample(0.1, "a")]),
+                                    bad.score_async([sample(0.3, "c"), sample(0.5, "boom")]), return_exceptions=True)
+
+    ok, failed = asyncio.run(with_a_crash())
+    assert [r.value for r in ok] == pytest.approx([0.1])
+    assert isinstance(failed, RewardServerError) and "HTTP 500" in str(failed) and "the model blew up" in str(failed)
+    assert "'index': 1" in str(failed)
+
+
+# ---------------------------------------------------------------- finding 3: the client checks every reply
+@pytest.mark.parametrize("reply, reason", [
+    (lambda: web.json_response({"results": [{"value": 1.0}] * 2}), "one result per sample (3), got 2 results"),
+    (lambda: web.json_response({"results": [{"value": 1.0}, {"value": float("nan")}, {"value": 1.0}]}),
+     "finite number"),
+    (lambda: web.json_response({"results": [{"value": "1"}] * 3}), "finite number"),
+    (lambda: web.Response(text="<html>hello</html>", content_type="text/html"), "Content-Type 'text/html'"),
+    (lambda: web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html"), "HTTP 502"),
+    (lambda: web.Response(body=b"\xc1", content_type="application/msgpack"), "not valid msgpack"),
+], ids=["count", "nan", "string", "html", "502", "garbage"])
+def test_the_client_rejects_a_malformed_reply_and_fails_over(local_server, clients, reply, reason):
+    async def handler(request):
+        await request.read()
+        return reply()
+
+    app = web.Application()
+    app.router.add_post("/score", handler)
+    _, broken = local_server(app)
+    with pytest.raises(RewardServerError, match="no reward server could score") as err:
+        clients([broken], retries=0).score([sample()] * 3)
+    assert reason in str(err.value) and broken in str(err.value)
+    _, good = local_server(EnergyReward())
+    client = clients([broken, good], retries=1, backoff_s=0.01)
+    assert len(client.score([sample()] * 3)) == 3
+    assert client.stats.failures_by_url == {broken: 1}
+
+
+# ---------------------------------------------------------------- finding 4: bounded and fair
+def test_a_small_request_is_not_held_back_by_a_large_one(local_server, clients):
+    # 16 one-second samples take 1.6 s of model time; with two samples per model call, the small request waits for
+    # one call (0.2 s), not for the whole large request
+    _, url = local_server(FakeReward(seconds_per_sample=0.1), max_batch=4, max_batch_audio_s=2.0)
+    big_client, small_client = clients([url], retries=0), clients([url], retries=0)
+    done = {}
+
+    async def timed(name, client, samples, delay):
+        await asyncio.sleep(delay)
+        t0 = time.monotonic()
+        await client.score_async(samples)
+        done[name] = (t0, time.monotonic())
+
+    async def both():
+        await asyncio.gather(timed("big", big_client, [sample(0.1, "big", n=16000)] * 16, 0.0),
+                             timed("small", small_client, [sample(0.2, "small")], 0.1))
+
+    asyncio.run(both())
+    small, big = done["small"][1] - done["small"][0], done["big"][1] - done["big"][0]
+    assert big > 1.5 and small < 0.6  # interleaved (about 0.3 s), not queued behind the large request (1.5 s)
+    assert done["small"][1] < done["big"][1]
+
+
+def test_work_of_a_client_that_gave_up_is_dropped_not_scored(local_server, clients):
+    plugin = FakeReward(seconds_per_sample=0.1)
+    _, url = local_server(plugin, max_batch=2)
+    with pytest.raises(RewardServerError, match="no answer within 0.35 s"):
+        clients([url], retries=0, timeout_s=0.35).score([sample(0.1, "gone")] * 20)
+    t0 = time.monotonic()
+    assert clients([url], retries=0).score([sample(0.2, "next")])[0].value == pytest.approx(0.2)
+    assert time.monotonic() - t0 < 1.0
+    time.sleep(1.0)  # 20 samples would take 2 s: give the rest time to be (wrongly) scored
+    assert plugin.scored.count("gone") <= 8 and plugin.scored.count("next") == 1
+
+
+def test_a_full_queue_answers_503_at_once_and_the_client_goes_elsewhere(local_server, clients):
+    _, busy = local_server(FakeReward(seconds_per_sample=0.2), max_batch=1, max_queued_samples=4,
+                           max_samples_per_request=4)
+    _, idle = local_server(EnergyReward())
+    first = threading.Thread(target=lambda: clients([busy], retries=0).score([sample()] * 4))
+    first.start()
+    while get_json(f"{busy}/info")["queued_samples"] < 3:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    status, body = post(busy, encode(request_payload([sample()] * 2), JSON))
+    assert status == 503 and re.search(r"server busy: [34] samples queued \(limit 4\)", body["error"])
+    client = clients([busy, idle], retries=1, backoff_s=0.01)
+    assert len(client.score([sample()] * 2)) == 2
+    assert time.monotonic() - t0 < 0.3  # refused at once, not queued behind the busy server's work
+    assert client.stats.failures_by_url == {busy: 1}
+    first.join()
+
+
+def test_text_length_is_capped_per_sample(local_server, clients):
+    _, url = local_server(EnergyReward(), max_text_chars=100)
+    with pytest.raises(RewardRequestError, match="sample 1 text has 101 characters; the limit is 100"):
+        clients([url], retries=0).score([sample(text="x" * 100), sample(text="x" * 101)])
+
+
+def test_a_stalled_upload_times_out_and_the_server_stays_responsive(local_server, clients):
+    _, url = local_server(EnergyReward(), body_timeout_s=0.5)
+    port = int(url.rsplit(":", 1)[1])
+    stalled = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{\"samples\": [")
+        stalled.append(sock)
+    t0 = time.monotonic()
+    assert len(clients([url], retries=0).score([sample()])) == 1  # served meanwhile
+    answers = [sock.recv(200).split(b"\r\n")[0] for sock in stalled]
+    assert all(b" 408 " in a for a in answers), answers[:3]
+    assert time.monotonic() - t0 < 3.0
+    for sock in stalled:
+        sock.close()
+
+
+# ---------------------------------------------------------------- finding 5: malformed requests get 400, never 500
+def test_malformed_requests_get_400_with_a_reason(local_server):
+    server, url = local_server(EnergyReward())
+    audio = "AAAAAA=="  # two f32 samples, base64
+
+    def one(**fields):
+        return {"samples": [{"audio": audio, "sample_rate": 16000, "text": "", "language": "en", **fields}]}
+
+    cases = [
+        (one(encoding=["f32"]), "encoding must be one of"),
+        (one(encoding=5), "encoding must be one of"),
+        (one(prompt_audio=audio, prompt_sample_rate=16000, prompt_encoding={"a": 1}), "encoding must be one of"),
+        (one(prompt_audio=audio, prompt_sample_rate="16000"), "integer prompt_sample_rate"),
+        (one(sample_rate=True), "'sample_rate' must be an integer"),
+        (one(text=["a"]), "'text' must be a string"),
+        (one(emotion=3), "'emotion' must be a string"),
+        ({**one(), "upstream": {"cer": [1.0]}}, "finite number 'value'"),
+        ({**one(), "upstream": {"cer": [{"info": {}}]}}, "finite number 'value'"),
+        ({**one(), "upstream": {"cer": [{"value": "x"}]}}, "finite number 'value'"),
+        ({**one(), "upstream": {"cer": [{"value": 1.0, "info": [1]}]}}, "'info' must be an object"),
+        ({**one(), "upstream": {"cer": [{"value": 1.0}] * 2}}, "one result per sample (1), got 2 results"),
+        ({**one(), "upstream": {"cer": "x"}}, "one result per sample (1), got str"),
+        ({**one(), "upstream": [1]}, "upstream must map reward names"),
+    ]
+    for payload, reason in cases:
+        status, body = post(url, json.dumps(payload).encode())
+        assert status == 400 and reason in body["error"], (payload, status, body)
+    status, body = post(url, b"[" * 200_000)
+    assert status == 400 and "nested too deeply" in body["error"]
+    status, body = post(url, b"\x91" * 200_000 + b"\xc0", "application/msgpack")
+    assert status == 400 and "not valid msgpack" in body["error"]
+    status, body = post(url, msgpack.packb(one(encoding=["f32"])), "application/msgpack")
+    assert status == 400 and "encoding must be one of" in body["error"]
+    assert get_json(f"{url}/health") == {"status": "ok"} and server.requests == 0
+
+
+# ---------------------------------------------------------------- finding 7: bounded counts, one session per client
+def test_info_counts_every_batch_in_a_bounded_histogram(local_server, clients):
+    server, url = local_server(EnergyReward(), max_batch=1, max_wait_ms=0, max_queued_samples=20_000)
+    client = clients([url], retries=0, max_samples_per_request=256)
+    client.score([sample(n=16)] * 10_240)  # 40 requests of 256, one model call per sample
+    info = get_json(f"{url}/info")
+    assert info["batches"] == 10_240 and info["batch_size_histogram"] == {"1": 10_240}
+    assert info["requests"] == 40 and info["max_batch_size_seen"] == 1 and info["mean_batch_size"] == 1.0
+    assert len(server.batch_sizes) <= server.limits.max_batch
+
+
+def test_a_client_reuses_one_connection_across_calls_and_event_loops(local_server, clients):
+    peers = []
+
+    @web.middleware
+    async def record_peer(request, handler):
+        peers.append(request.transport.get_extra_info("peername")[1])
+        return await handler(request)
+
+    app = RewardServer(EnergyReward()).app()
+    app.middlewares.append(record_peer)
+    _, url = local_server(app)
+    client = clients([url], retries=0)
+    for _ in range(3):
+        client.score([sample()])
+    for _ in range(2):  # a fresh event loop each time, as asyncio.run in a caller does
+        asyncio.run(client.score_async([sample()]))
+    assert len(peers) == 5 and len(set(peers)) == 1
