@@ -240,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what, without a traceback unless asked
+    # bad input or a reward service that is down: say what, without a traceback unless asked
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
         logging.getLogger("vocalign").error("%s", err, exc_info=args.verbose)
         return 2
 

@@ -12,7 +12,9 @@ receives those results through ``score(samples, upstream=...)``, so the ASR runs
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,12 +97,30 @@ def build_reward(name: str, target: str | None = None, **settings: Any) -> Rewar
     if path is None:
         raise ValueError(f"unknown reward {name!r}; known: {sorted(known)}. Install a package that registers it "
                          f"under the entry-point group {ENTRY_POINT_GROUP!r}, or give `target: package.module:Class`")
-    plugin = _import_target(path)(**settings)
+    factory = _import_target(path)
+    _check_settings(name, path, factory, settings)
+    plugin = factory(**settings)
     if getattr(plugin, "name", None) != name:
         plugin.name = name  # the config's name is what the trainer and the logs use
     if not isinstance(plugin, RewardPlugin):
         raise TypeError(f"{path} built a {type(plugin).__name__}, which has no score(samples) method")
     return plugin
+
+
+def _check_settings(name: str, path: str, factory: Callable[..., Any], settings: Mapping[str, Any]) -> None:
+    """Name a setting the plugin does not take (with the closest one it does) before it loads a model."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature (a C extension): let the call itself complain
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in settings:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"reward {name!r} ({path}) has no setting {key!r}{hint} Its settings: {accepted}")
 
 
 def plugin_requires(plugin: RewardPlugin) -> tuple[str, ...]:

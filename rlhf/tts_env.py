@@ -41,13 +41,23 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt data {path} does not exist")
     kind = "parquet" if path.suffix == ".parquet" else "json"
-    rows = [dict(r) for r in load_dataset(kind, data_files=str(path), split="train")]
+    try:
+        rows = [dict(r) for r in load_dataset(kind, data_files=str(path), split="train")]
+    except StopIteration:  # what `datasets` raises for an empty JSON-lines file
+        rows = []
+    if not rows:
+        raise ValueError(f"prompt data {path} holds no rows; every row needs {list(REQUIRED_COLUMNS)}")
     for n, row in enumerate(rows):
         missing = [c for c in REQUIRED_COLUMNS if not row.get(c)]
         if missing:
             raise ValueError(f"{path} row {n}: missing {missing}; every row needs {list(REQUIRED_COLUMNS)}")
         wav = Path(row["prompt_wav"])
         row["prompt_wav"] = str(wav if wav.is_absolute() else path.parent / wav)
+    for wav in sorted({r["prompt_wav"] for r in rows}):  # at load, not at the first rollout
+        try:
+            sf.info(wav)
+        except sf.SoundFileError as err:
+            raise ValueError(f"{path}: prompt_wav {wav} cannot be read as audio ({err})") from None
     return rows
 
 
