@@ -164,4 +164,4 @@ class MelUnitCodec:
                ) -> list[np.ndarray]:
         if len(codes) != len(prompts):
             raise ValueError(f"{len(codes)} code sequences for {len(prompts)} prompts")
-        return [self.units.decode(c) for c in codes]
+        return self.units.decode_batch(codes)

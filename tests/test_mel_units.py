@@ -38,9 +38,13 @@ def test_codes_separate_pitches_and_survive_a_round_trip(units):
     assert np.mean(np.array(again[middle]) == np.array(low[middle])) >= 0.8
 
 
-def test_decoding_is_deterministic(units):
-    codes = units.encode(tone(800))
-    np.testing.assert_array_equal(units.decode(codes), units.decode(codes))
+def test_decoding_is_deterministic_and_independent_of_the_batch(units):
+    short, long = units.encode(tone(800, 0.5)), units.encode(tone(200, 1.5))
+    np.testing.assert_array_equal(units.decode(short), units.decode(short))
+    batched = units.decode_batch([long, [], short])
+    assert batched[1].size == 0
+    np.testing.assert_array_equal(batched[0], units.decode(long))
+    np.testing.assert_array_equal(batched[2], units.decode(short))
 
 
 def test_files_round_trip_and_bad_folders_are_refused(units, tmp_path):

@@ -205,3 +205,7 @@ def test_pocketsphinx_grammar_settings_are_checked(tmp_path):
         PocketSphinxASR(vocabulary=["zero"], jsgf=tmp_path / "digits.gram")
     with pytest.raises(FileNotFoundError, match="digits.gram does not exist"):
         PocketSphinxASR(jsgf=tmp_path / "digits.gram")
+    with pytest.raises(ValueError, match="rejected decoder_options.*beem"):
+        PocketSphinxASR(vocabulary=["zero"], decoder_options={"beem": 1e-30})
+    with pytest.raises(ValueError, match="cannot set samprate"):
+        PocketSphinxASR(decoder_options={"samprate": 8000})

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
 from vocalign.rewards.emotion import AudioClassifierEmotion, EmotionReward
 from vocalign.rewards.laughter import (AudioClassifierLaughterDetector, LaughterReward, asks_for_laughter,
@@ -52,6 +53,17 @@ def test_xvector_similarity_range_and_identity():
 def test_cosine_by_hand():
     assert cosine(np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]]))[0] == pytest.approx(0.0)
     assert cosine(np.array([[1.0, 1.0]]), np.array([[-3.0, -3.0]]))[0] == pytest.approx(-1.0)
+
+
+@needs_espeak
+def test_batched_resemblyzer_embeddings_equal_resemblyzers_own():
+    from resemblyzer import preprocess_wav
+
+    clips = [to_model_rate(*speak(text, voice)) for text, voice in
+             (("one two three", "en-us"), ("the weather is lovely today and we will walk to the park", "en-us+f3"))]
+    encoder = ResemblyzerEncoder()
+    own = np.stack([encoder.encoder.embed_utterance(preprocess_wav(c, source_sr=16000)) for c in clips])
+    np.testing.assert_allclose(encoder.embed(clips), own, atol=1e-5)
 
 
 @needs_espeak
