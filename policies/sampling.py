@@ -4,24 +4,27 @@ One loop serves every prompt and every generation of a GRPO batch at once (the r
 sequence at a time). Each row has its own minimum and maximum length, because GLM-TTS bounds the speech length by
 the text length. The reported log-probs are those of ``softmax(logits / T)`` over the whole vocabulary, the same
 quantity the trainer recomputes, so the first PPO ratio is exactly 1; top-k, top-p, the minimum-length stop mask
-and the allowed-token mask shape what is drawn but not the reported probability (TRL makes the same choice).
+and the optional allowed-token mask shape what is drawn but not the reported probability (TRL makes the same choice).
+What is drawn follows the released nucleus sampling (cosyvoice ``nucleus_sampling`` + ``ras_sampling``), so a policy
+is trained on the distribution it was tuned with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 
 @dataclass(frozen=True)
 class RepetitionAwareSampling:
-    """RAS (VALL-E 2 / CosyVoice): if the drawn token already fills more than ``window * tau`` of the last
-    ``window`` tokens, draw again from the untruncated distribution to break loops of one speech token."""
+    """RAS (VALL-E 2 / CosyVoice): if the drawn token already occurs at least ``window * tau`` times among the last
+    ``window`` tokens, draw again from the untruncated distribution to break loops of one speech token. With the
+    released defaults a single earlier occurrence is enough."""
 
     window: int = 10
     tau: float = 0.1
@@ -36,17 +39,23 @@ class Sampled:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Top-k then nucleus filtering; removed entries become -inf."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+    """Keep the released nucleus of each row; removed entries become -inf.
+
+    As in GLM-TTS (cosyvoice ``nucleus_sampling``): tokens are ranked by probability (ties by index), and the i-th
+    is kept while fewer than ``top_k`` are kept and the probability mass of those kept before it, under the *full*
+    distribution, is still below ``top_p``; so the token that crosses ``top_p`` is kept. Renormalising inside the
+    top-k before accumulating (the order of HF's warpers) reaches ``top_p`` sooner and keeps fewer tokens.
+    """
+    k = logits.shape[-1] if top_k is None or top_k <= 0 else min(top_k, logits.shape[-1])
+    p = 1.0 if top_p is None else top_p
+    if k == logits.shape[-1] and p >= 1.0:
+        return logits
+    probs, order = logits.softmax(-1).sort(dim=-1, descending=True, stable=True)
+    mass_before = F.pad(probs[..., :-1], (1, 0)).cumsum(-1)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    keep_sorted = (rank < k) & ((mass_before < p) | (rank == 0))
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def _as_row_tensor(value: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
@@ -85,8 +94,9 @@ def sample(
 ) -> Sampled:
     """Sample continuations of left-padded prompts.
 
-    ``allowed_tokens`` is a ``[V]`` bool mask of what may be drawn (the speech LM allows speech tokens and the stop
-    token only). ``synced_processes`` keeps every process stepping until all are done, which DeepSpeed ZeRO-3 needs
+    ``allowed_tokens`` is an optional ``[V]`` bool mask of what may be drawn (the released GLM-TTS draws from the
+    whole vocabulary; :class:`~vocalign.policies.speech_lm.SpeechLM` can restrict it to speech tokens and the stop
+    token). ``synced_processes`` keeps every process stepping until all are done, which DeepSpeed ZeRO-3 needs
     because each forward gathers parameters collectively.
     """
     if temperature <= 0:
@@ -123,10 +133,10 @@ def sample(
             drawable = drawable.masked_fill(too_short & stop_column, float("-inf"))
         probs = filter_logits(drawable, top_k, top_p).softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        if ras is not None and tokens:
-            recent = torch.stack(tokens[-ras.window:], dim=1)
+        if ras is not None:
+            recent = torch.stack(tokens[-ras.window:], dim=1) if tokens else token.new_empty(n, 0)
             repeats = (recent == token.unsqueeze(-1)).sum(-1)
-            loop = repeats >= max(1, int(ras.window * ras.tau))
+            loop = repeats >= ras.window * ras.tau
             if loop.any():
                 fallback = torch.multinomial(drawable.softmax(-1), 1, generator=generator).squeeze(-1)
                 token = torch.where(loop, fallback, token)

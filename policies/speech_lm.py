@@ -1,14 +1,18 @@
 """Stage 1 of GLM-TTS: a Llama LM that continues text + a voice prompt's speech tokens with new speech tokens.
 
 Input layout (no BOS): ``[prompt text + " ", target text, <|begin_of_audio|>, prompt speech tokens]``; the model
-then emits speech tokens until ``<|user|>``. Only speech tokens and the stop token may be drawn; the stop token is
-masked until the output has twice as many tokens as the target text, and generation stops at twenty times.
-Sampling is batched over every prompt and generation (see :mod:`sampling`), and returns the log-probs the GRPO
-trainer needs.
+then emits speech tokens until ``<|user|>``. The stop token is masked until the output has twice as many tokens as
+the target text, and generation stops at twenty times. As released, the whole vocabulary may be drawn: a non-speech
+token does not stop generation and stays in the LM's context (the release prints a warning and hands ``token -
+<|audio_0|>`` to the flow, which fails on it); ``speech_only`` restricts draws to speech tokens and the stop token,
+which an untrained LM (the tiny checkpoint) needs. Sampling is batched over every prompt and generation (see
+:mod:`sampling`), and returns the log-probs the GRPO trainer needs.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,13 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from .frontend.tokenizer import SpeechVocab, load_tokenizer
 from .sampling import RepetitionAwareSampling, Sampled, sample
 
+logger = logging.getLogger(__name__)
+
 NUM_CODES = 32768
+# Key of ``llm/generation_config.json`` that makes a checkpoint sample speech tokens (and the stop token) only;
+# the released checkpoint has none, so it samples the whole vocabulary as released.
+SPEECH_ONLY_KEY = "sample_speech_only"
+RELEASED_RAS = RepetitionAwareSampling()  # window 10, tau 0.1
 
 
 @dataclass
@@ -27,6 +37,9 @@ class TTSPrompt:
     text: str  # what to say (normalised, possibly hybrid phoneme+text)
     prompt_text: str  # transcript of the voice prompt
     prompt_codes: Sequence[int]  # speech tokens of the voice prompt (0 .. num_codes-1)
+    # token ids to use instead of tokenising ``prompt_text + " "``: a long text's chunk carries earlier chunks'
+    # ids as they were fed (see :mod:`vocalign.policies.long_text`)
+    prompt_text_ids: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -46,8 +59,10 @@ def check_loading_info(info: dict, where: str) -> None:
 
 class SpeechLM:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, num_codes: int = NUM_CODES,
-                 lengths: LengthPolicy = LengthPolicy()) -> None:
-        self.model, self.tokenizer, self.lengths = model, tokenizer, lengths
+                 lengths: LengthPolicy = LengthPolicy(), speech_only: bool = False) -> None:
+        """``speech_only``: draw speech tokens and the stop token only (default: the whole vocabulary, as
+        released)."""
+        self.model, self.tokenizer, self.lengths, self.speech_only = model, tokenizer, lengths, speech_only
         self.vocab = SpeechVocab.from_tokenizer(tokenizer, num_codes)
         vocab_size = model.get_input_embeddings().num_embeddings
         if self.vocab.audio_0 + num_codes > vocab_size:
@@ -60,8 +75,11 @@ class SpeechLM:
 
     @classmethod
     def from_pretrained(cls, ckpt: str | Path, *, num_codes: int = NUM_CODES, trust_remote_code: bool = False,
-                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> SpeechLM:
-        """``ckpt/llm`` (HF Llama folder) and ``ckpt/vq32k-phoneme-tokenizer``; every weight must be present."""
+                        dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        speech_only: bool | None = None) -> SpeechLM:
+        """``ckpt/llm`` (HF Llama folder) and ``ckpt/vq32k-phoneme-tokenizer``; every weight must be present.
+        ``speech_only`` None: as ``llm/generation_config.json`` says under ``sample_speech_only`` (false when
+        absent, as for the released checkpoint)."""
         ckpt = Path(ckpt)
         llm_dir = ckpt / "llm"
         if not (llm_dir / "config.json").is_file():
@@ -71,10 +89,16 @@ class SpeechLM:
                                                        ignore_mismatched_sizes=True)
         check_loading_info(info, f"{llm_dir} weights")
         tokenizer = load_tokenizer(ckpt / "vq32k-phoneme-tokenizer", trust_remote_code)
-        return cls(model.to(device).eval(), tokenizer, num_codes)
+        if speech_only is None:
+            generation = llm_dir / "generation_config.json"
+            speech_only = bool(json.loads(generation.read_text()).get(SPEECH_ONLY_KEY, False)) \
+                if generation.is_file() else False
+        return cls(model.to(device).eval(), tokenizer, num_codes, speech_only=speech_only)
 
     # ------------------------------------------------------------------ prompt layout
-    def _text_ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as fed to the LM (no special tokens added); words the tokenizer maps to its unknown
+        token are an error that names them."""
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         unk = self.tokenizer.unk_token_id
         if unk is not None and unk in ids:
@@ -88,11 +112,14 @@ class SpeechLM:
         bad = [c for c in prompt.prompt_codes if not 0 <= c < self.vocab.num_codes]
         if bad:
             raise ValueError(f"prompt speech codes out of range 0..{self.vocab.num_codes - 1}: {bad[:5]}")
-        target = self._text_ids(prompt.text)
+        target = self.text_ids(prompt.text)
         if not target:
             raise ValueError("the text to synthesise is empty")
-        prompt_text = self._text_ids(prompt.prompt_text + " ") if prompt.prompt_text else []
-        ids = (prompt_text + target + [self.vocab.begin_of_audio]
+        if prompt.prompt_text_ids is not None:
+            context = list(prompt.prompt_text_ids)
+        else:
+            context = self.text_ids(prompt.prompt_text + " ") if prompt.prompt_text else []
+        ids = (context + target + [self.vocab.begin_of_audio]
                + [self.vocab.audio_0 + c for c in prompt.prompt_codes])
         return ids, len(target)
 
@@ -132,7 +159,7 @@ class SpeechLM:
         top_p: float | None = 0.8,
         max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
-        ras: RepetitionAwareSampling | None = RepetitionAwareSampling(),
+        ras: RepetitionAwareSampling | None = RELEASED_RAS,
         synced_processes: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, Sampled]:
         """Sample speech tokens for every prompt ``num_generations`` times. ``model`` overrides the wrapped one
@@ -148,15 +175,23 @@ class SpeechLM:
         min_len = torch.minimum(min_len, max_len - 1).clamp(min=0)
         out = sample(policy, ids.to(device), mask.to(device), max_new_tokens=max_len.to(device),
                      min_new_tokens=min_len.to(device), stop_token_id=self.vocab.stop, pad_token_id=self.vocab.pad,
-                     temperature=temperature, top_k=top_k, top_p=top_p, allowed_tokens=self.allowed, ras=ras,
+                     temperature=temperature, top_k=top_k, top_p=top_p,
+                     allowed_tokens=self.allowed if self.speech_only else None, ras=ras,
                      synced_processes=synced_processes)
         return ids.to(device), mask.to(device), out
 
     def codes(self, sampled: Sampled) -> list[list[int]]:
-        """Speech codes per row, without the stop token and padding."""
+        """Speech codes per row, without the stop token and padding. A drawn non-speech token (possible unless
+        ``speech_only``) has no code: it is left out, with a warning, where the release would hand the flow an
+        out-of-range code; it stays in ``sampled`` and so in the LM's context and the GRPO loss."""
         rows = []
-        for tokens, mask in zip(sampled.tokens.tolist(), sampled.mask.tolist()):
-            rows.append([t - self.vocab.audio_0 for t, m in zip(tokens, mask)
-                         if m and t != self.vocab.stop])
+        first, last = self.vocab.audio_0, self.vocab.audio_0 + self.vocab.num_codes
+        for row, (tokens, mask) in enumerate(zip(sampled.tokens.tolist(), sampled.mask.tolist())):
+            drawn = [t for t, m in zip(tokens, mask) if m and t != self.vocab.stop]
+            speech = [t - first for t in drawn if first <= t < last]
+            if len(speech) < len(drawn):
+                outside = [t for t in drawn if not first <= t < last]
+                logger.warning("row %d: %d drawn tokens are not speech tokens (ids %s); they are left out of the "
+                               "codes", row, len(outside), outside[:5])
+            rows.append(speech)
         return rows
-

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from vocalign.policies.frontend.g2p import ChineseG2P, PhonemeFrontend, syllable_phonemes
-from vocalign.policies.frontend.text import normalize_text, split_text
+from vocalign.policies.frontend.text import normalize_text, split_text, split_units, weight
 
 from .conftest import SHARED
 
@@ -14,20 +14,27 @@ DATA = SHARED / "glmtts-data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/glmtts-data is not beside the checkout")
 
 
-def test_normalisation():
-    assert normalize_text("Ｈｅｌｌｏ　ｗｏｒｌｄ，  你好！\u200b１２３") == "Hello world， 你好！123"
+def test_normalisation_rules_and_bad_input():
+    # the release's behaviour on many more texts is checked against its own output in test_glmtts_fixtures
+    assert normalize_text("气温25℃，涨了12.5%！") == "气温二十五摄氏度，涨了百分之十二点五。"
+    assert normalize_text("《红楼梦》（清代）") == "红楼梦清代。"
+    assert normalize_text("I have 2 cats!") == "i have two cats."
+    assert normalize_text("你好吗?") == "你好吗?"  # a question keeps its mark
+    with pytest.raises(TypeError, match="must be a string"):
+        normalize_text(None)
 
 
-def test_split_keeps_chunks_within_bounds_and_loses_nothing():
-    text = ("今天天气很好，我们一起去公园散步吧。公园里有很多花，红的、黄的、紫的，非常漂亮！"
-            "小朋友们在草地上奔跑，老人们在树下下棋。这真是一个美好的周末。")
-    chunks = split_text(text, 30, 60)
-    assert len(chunks) == 2 and all(len(c) <= 60 for c in chunks)
-    assert "".join(chunks) == text
+def test_split_units_weights_and_hard_cut():
+    assert split_units("Hi there, 你好 it's") == ["Hi ", "there", ", ", "你", "好 ", "it's"]
+    assert weight(["extraordinary "]) == pytest.approx(0.7 * 6) and weight(["你", "，"]) == 2
+    text = "这" * 130  # no punctuation: cut every 60 units
+    assert [len(c) for c in split_text(text)] == [60, 60, 10]
+    # a cut that would start the next chunk with punctuation takes the mark along
+    assert [len(c) for c in split_text("这" * 60 + "，" + "那" * 5, min_chars=90)] == [61, 5]
+    assert [len(c) for c in split_text("这" * 59 + "，" + "那" * 5, min_chars=90)] == [60, 5]
     english = ("This is the first sentence of a long paragraph. It keeps going with more words than one chunk can "
                "hold, so it must be split. Short one. And the end.")
-    chunks = split_text(english, 30, 60)
-    assert all(len(c) <= 60 for c in chunks) and " ".join(chunks) == english
+    assert "".join(split_text(english)) == english
     assert split_text("   ") == []
 
 
@@ -59,7 +66,7 @@ def test_user_dictionary_polyphones_become_phonemes_others_stay_text(tmp_path):
         "去<|IN2|><|H|><|ANG2|>，<|X|><|ING2|>不<|X|><|ING2|>？OK, let's go.")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('["not", "a", "mapping"]\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected \{word: replacement\}"):
+    with pytest.raises(TypeError, match=r"bad\.jsonl:1: expected \{word: replacement\}"):
         PhonemeFrontend.from_files(phonemes, [bad])
 
 
@@ -82,3 +89,12 @@ def test_training_augmentation_converts_a_share_and_never_dictionary_entries():
     converted = frontend.convert(text, phoneme_share=0.5, rng=random.Random(3))
     assert converted.endswith("<|C|><|UEI1|>") and "<|" in converted[:-13]
     assert sum(ch in text for ch in converted) < len(text) - 1  # some ordinary characters became phonemes
+
+
+def test_characters_pypinyin_misreads_are_read_as_released():
+    g2p = ChineseG2P()
+    assert g2p.word("呣") == g2p.word("母") == [["M", "U3"]]
+    assert g2p.word("嗯") == g2p.word("恩") == [["EN1"]]
+    frontend = PhonemeFrontend(g2p, text_readable=set("好"))
+    assert frontend.convert("呣好") == "<|M|><|U3|>好"  # the character stays 呣 where it is not converted
+    assert PhonemeFrontend(g2p).convert("呣，嗯") == "呣，嗯"

@@ -88,9 +88,9 @@ def test_long_text_chunks_carry_earlier_chunks_within_the_context_budget(ckpt, p
     torch.manual_seed(0)
     codes = list(pipeline.long_text_codes(text, prompt, SynthesisSettings(max_new_tokens=20)))
     assert len(codes) == len(seen) == 2
-    assert seen[0].prompt_codes == prompt.codes and seen[0].prompt_text == "你好"
+    assert seen[0].prompt_codes == prompt.codes and seen[0].prompt_text == "你好。"  # normalised as released
     assert seen[1].prompt_codes == prompt.codes + codes[0]  # the first chunk's speech carried as context
-    assert seen[1].prompt_text.startswith("你好今天天气很好")
+    assert seen[1].prompt_text.startswith("你好。今天天气很好")
     seen.clear()
     pipeline.max_context = 10  # too small for any history: chunks fall back to the voice prompt alone
     list(pipeline.long_text_codes(text, prompt, SynthesisSettings(max_new_tokens=20)))

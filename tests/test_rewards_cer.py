@@ -104,7 +104,10 @@ def test_whisper_backend_loads_the_hf_folder_layout(tmp_path):
                             np.zeros(8000, np.float32)])
     assert len(texts) == 2 and all(isinstance(t, str) and set(t) <= set("abcdefghijklmnopqrstuvwxyz ") for t in texts)
     out = CERReward(transcribers={"en": asr}).score([Sample(np.zeros(16000, np.float32), 16000, "hello", "en")])
-    assert 0.0 <= out[0].value <= 1.0
+    # the reward is exp(-2.5 * CER) of what this backend transcribes for the same audio
+    transcript = asr.transcribe([np.zeros(16000, np.float32)])[0]
+    assert out[0].info["transcript"] == transcript
+    assert out[0].value == pytest.approx(math.exp(-2.5 * error_rate("hello", transcript, "en")))
 
 
 TOKENS = ["<blank>", "<s>", "</s>", "<unk>"] + list("你好世界今天气很")

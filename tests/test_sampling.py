@@ -65,12 +65,18 @@ def test_returned_logps_equal_a_fresh_forward_at_the_sampling_temperature():
     torch.testing.assert_close(fresh * out.mask, out.logps, atol=1e-5, rtol=1e-4)
 
 
-def test_top_k_and_top_p_filtering():
+def test_top_k_and_top_p_filtering_as_released():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [[False, False, True, True]]
     # probabilities 0.644, 0.237, 0.087, 0.032: top_p 0.7 keeps the two whose mass first reaches 0.7
     assert torch.isinf(filter_logits(logits, None, 0.7)).tolist() == [[False, False, True, True]]
     assert not torch.isinf(filter_logits(logits, None, 1.0)).any()
+    # top-p counts the full distribution's mass, not the mass renormalised inside the top-k: renormalised within
+    # the top 3 the first two hold 0.910 >= 0.9 and would be enough; in the full distribution they hold 0.881 < 0.9,
+    # so the third is kept too
+    assert torch.isinf(filter_logits(logits, 3, 0.9)).tolist() == [[False, False, False, True]]
+    # ties are ranked by index (a stable sort), so top-k keeps exactly k
+    assert torch.isinf(filter_logits(torch.zeros(1, 4), 2, None)).tolist() == [[False, False, True, True]]
 
 
 def test_ras_breaks_runs_of_one_token():
@@ -91,3 +97,16 @@ def test_allowed_tokens_restrict_what_is_drawn():
     allowed[[0, 10, 11]] = True
     out = sample(model, ids, mask, max_new_tokens=8, stop_token_id=STOP, pad_token_id=PAD, allowed_tokens=allowed)
     assert torch.isin(out.tokens[out.mask.bool()], torch.tensor([0, 10, 11])).all()
+
+
+def test_ras_threshold_is_window_times_tau_as_released():
+    model, ids, mask = model_and_prompts(64)
+    model = LogitBiasDouble(model, 5, 3.0)  # 5 is the top token, but far from certain in the full distribution
+    settings = {"max_new_tokens": 2, "stop_token_id": None, "pad_token_id": PAD, "top_k": 1}
+    torch.manual_seed(0)
+    # window 4, tau 0.3: a draw is redrawn when it already occurs >= 1.2 times, so one earlier 5 is not enough
+    out = sample(model, ids, mask, ras=RepetitionAwareSampling(window=4, tau=0.3), **settings)
+    assert (out.tokens == 5).all()
+    # tau 0.25: >= 1.0, so the second 5 is redrawn from the whole distribution, and is not always 5 again
+    out = sample(model, ids, mask, ras=RepetitionAwareSampling(window=4, tau=0.25), **settings)
+    assert (out.tokens[:, 0] == 5).all() and (out.tokens[:, 1] != 5).any()

@@ -117,3 +117,23 @@ def test_word_tokenizer_names_the_words_it_does_not_know():
         "one", "two", "one", ".", "<|begin_of_audio|>", "<|audio_0|>", "<|audio_3|>"]
     with pytest.raises(ValueError, match=r"does not know \['fish'\]"):
         lm.encode(TTSPrompt("one fish two", "", []))
+
+
+def test_whole_vocabulary_is_drawn_by_default_as_released(ckpt, tmp_path, caplog):
+    import shutil
+
+    assert SpeechLM.from_pretrained(ckpt, num_codes=64).speech_only  # the untrained tiny LM asks for speech only
+    released = tmp_path / "released"
+    shutil.copytree(ckpt, released)
+    (released / "llm" / "generation_config.json").unlink()  # as the released checkpoint: no such setting
+    lm = SpeechLM.from_pretrained(released, num_codes=64)
+    assert not lm.speech_only
+    torch.manual_seed(3)
+    _, _, out = lm.generate([TTSPrompt("今天天气很好", "你好", [1, 2, 3])], num_generations=2, max_new_tokens=20)
+    drawn = out.tokens[out.mask.bool()]
+    speech = (drawn >= lm.vocab.audio_0) & (drawn < lm.vocab.audio_0 + 64)
+    assert (~speech & (drawn != lm.vocab.stop)).any()  # text tokens were drawn and did not stop generation
+    with caplog.at_level("WARNING", logger="vocalign.policies.speech_lm"):
+        codes = lm.codes(out)
+    assert sum(map(len, codes)) == int(speech.sum()) and all(0 <= c < 64 for row in codes for c in row)
+    assert "are not speech tokens" in caplog.text

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 _RETROFLEX = {"zh", "ch", "sh", "r"}
 _DENTAL = {"z", "c", "s"}
+# characters pypinyin misreads, read as a character with the intended reading (as the release's G2P does before
+# segmenting and looking up pinyin): 嗯 as en1 (恩), 呣 as mu3 (母)
+READ_AS = str.maketrans({"嗯": "恩", "呣": "母"})
 
 
 def syllable_phonemes(initial: str, final_tone: str) -> list[str]:
@@ -52,8 +55,9 @@ class ChineseG2P:
 
     def word(self, word: str) -> list[list[str] | None]:
         """Phonemes per character of ``word``; None for a character with no reading in the inventory."""
-        initials = self._pinyin(word, style=self._style.INITIALS, strict=True)
-        finals = self._pinyin(word, style=self._style.FINALS_TONE3, strict=True, neutral_tone_with_five=True)
+        reading = word.translate(READ_AS)
+        initials = self._pinyin(reading, style=self._style.INITIALS, strict=True)
+        finals = self._pinyin(reading, style=self._style.FINALS_TONE3, strict=True, neutral_tone_with_five=True)
         out: list[list[str] | None] = []
         for ch, (initial,), (final,) in zip(word, initials, finals):
             if not is_chinese(ch) or not final or not final[-1].isdigit():
@@ -68,7 +72,12 @@ class ChineseG2P:
         return out
 
     def words(self, text: str) -> list[str]:
-        return list(self._cut(text))
+        """Words of ``text``, segmented as it is read (see ``READ_AS``); the characters stay those of ``text``."""
+        words, start = [], 0
+        for piece in self._cut(text.translate(READ_AS)):
+            words.append(text[start:start + len(piece)])
+            start += len(piece)
+        return words
 
 
 class PhonemeFrontend:
@@ -101,7 +110,7 @@ class PhonemeFrontend:
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{n}: not a JSON object: {err}") from None
                 if not isinstance(entry, dict):
-                    raise ValueError(f"{path}:{n}: expected {{word: replacement}}, got {line!r}")
+                    raise TypeError(f"{path}:{n}: expected {{word: replacement}}, got {line!r}")
                 replace.update(entry)
         readable = json.loads(Path(readable_chars).read_text(encoding="utf-8")) if readable_chars else None
         return cls(ChineseG2P(symbols), replace, readable)
