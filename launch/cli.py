@@ -14,16 +14,14 @@ from vocalign.rewards.limits import ServerLimits
 
 
 def _train(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from vocalign.eval.heldout import compare
     from vocalign.eval.plots import plot_reward_curves, read_metrics
-    from vocalign.rlhf.recipe import load_recipe
+    from vocalign.rlhf.recipe import load_recipe, process_state
     from vocalign.rlhf.trainer import GRPOTrainer
 
     log = logging.getLogger("vocalign")
     run, config = load_recipe(args.config, args.set)
-    main_process = PartialState().is_main_process
+    main_process = process_state().is_main_process
     # the starting policy is scored before the trainer wraps it (LoRA, DeepSpeed) or a resume loads trained weights
     before = run.heldout.score(run.model) if run.heldout is not None and main_process else None
     trainer = GRPOTrainer(run.model, run.env, run.scorer, run.prompts, config)

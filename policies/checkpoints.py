@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFe
 from .flow import FlowConfig, FlowMatching
 from .frontend.tokenizer import build_char_tokenizer
 from .speaker import write_tiny_campplus
-from .speech_lm import SPEECH_ONLY_KEY
+from .speech_lm import SpeechLM
 from .speech_tokenizer import WhisperVQEncoder
 from .vocoder import HiFT, HiFTConfig
 
@@ -57,11 +57,10 @@ def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phon
                          num_key_value_heads=max(1, sizes.heads // 4), max_position_embeddings=2048, rms_norm_eps=1e-5,
                          rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=None,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "llm", safe_serialization=True)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "llm", safe_serialization=True)
     # random weights would mostly draw text tokens; the tiny LM samples speech tokens and the stop token only
-    generation = root / "llm" / "generation_config.json"
-    settings = json.loads(generation.read_text()) if generation.is_file() else {}
-    generation.write_text(json.dumps({**settings, SPEECH_ONLY_KEY: True}, indent=2))
+    SpeechLM(model, tokenizer, sizes.num_codes, speech_only=True).save_sampling_settings(root / "llm")
     write_flow(root / "flow", FlowConfig(vocab_size=sizes.num_codes, speech_token_dim=sizes.flow_token_dim,
                                          trans_dim=sizes.flow_dim, depth=sizes.flow_depth, heads=2, dim_head=32,
                                          conv_layers=2))

@@ -61,7 +61,7 @@ class StreamingCodec(SpeechCodec, Protocol):
 
 @dataclass
 class FlowCondition:
-    mel: torch.Tensor  # [2 * len(codes), 80] 24 kHz log-mel of the prompt
+    mel: torch.Tensor  # [frames, 80] 24 kHz log-mel of the prompt (50 frames/s, about two per code)
     speaker: torch.Tensor  # [192] CAM++ embedding
 
 
@@ -87,11 +87,12 @@ class GLMTTSCodec:
     def encode_prompt(self, audio: np.ndarray, sample_rate: int) -> tuple[list[int], FlowCondition]:
         audio16 = to_model_rate(audio, sample_rate, 16000)
         codes = self.speech_tokenizer([audio16])[0]
-        mel = log_mel(torch.from_numpy(to_model_rate(audio, sample_rate, self.sample_rate)), MEL_24K).T
-        usable = min(len(codes), mel.shape[0] // 2)  # two mel frames per token
-        if usable == 0:
+        if not codes:
             raise ValueError("the prompt audio is too short to give any speech token")
-        return codes[:usable], FlowCondition(mel[: 2 * usable], torch.from_numpy(self.speaker(audio16)).float())
+        # as released, every code and every mel frame is kept (3.3 s: 83 codes, 165 frames); the flow places the
+        # prompt's frames and drops as many from its output
+        mel = log_mel(torch.from_numpy(to_model_rate(audio, sample_rate, self.sample_rate)), MEL_24K).T
+        return codes, FlowCondition(mel, torch.from_numpy(self.speaker(audio16)).float())
 
     def _flow_input(self, codes: Sequence[int], prompt: VoicePrompt) -> FlowInput:
         return FlowInput(torch.tensor(codes), torch.tensor(prompt.codes), prompt.condition.mel,

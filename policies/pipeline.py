@@ -19,7 +19,8 @@ from vocalign.rewards.audio import check_audio
 
 from .codec import GLMTTSCodec, MelUnitCodec, SpeechCodec, StreamingCodec, VoicePrompt
 from .frontend.g2p import PhonemeFrontend
-from .frontend.text import join_text, normalize_text, split_text
+from .frontend.text import normalize_text, split_text
+from .long_text import Turn, chunk_prompt
 from .speech_lm import SpeechLM, TTSPrompt
 
 MEL_UNITS_DIR = "mel_units"
@@ -88,6 +89,10 @@ class TTSPipeline:
                        settings: SynthesisSettings = SynthesisSettings(), model: torch.nn.Module | None = None):
         """Speech LM stage for a batch; returns ``(prompt_ids, prompt_mask, sampled, codes)``."""
         requests = [TTSPrompt(self.text_input(t), p.text, p.codes) for t, p in zip(texts, prompts, strict=True)]
+        return self._generate(requests, num_generations, settings, model)
+
+    def _generate(self, requests: Sequence[TTSPrompt], num_generations: int, settings: SynthesisSettings,
+                  model: torch.nn.Module | None = None):
         ids, mask, sampled = self.lm.generate(requests, num_generations, model=model, temperature=settings.temperature,
                                               top_k=settings.top_k, top_p=settings.top_p,
                                               max_new_tokens=settings.max_new_tokens,
@@ -102,31 +107,20 @@ class TTSPipeline:
     # ------------------------------------------------------------------ user-facing
     def long_text_codes(self, text: str, prompt: VoicePrompt, settings: SynthesisSettings = SynthesisSettings()
                         ) -> Iterator[list[int]]:
-        """Speech codes chunk by chunk. As released, each chunk's LM prompt is the voice prompt followed by earlier
-        chunks (their text and generated tokens), oldest dropped first, while it stays under ``max_context``
-        tokens, so that voice and prosody carry across chunks."""
-        history: list[tuple[str, list[int]]] = []
-        for chunk in split_text(text) or [text]:
-            context = list(history)
-            while context and self._prompt_tokens(prompt, context, chunk) > self.max_context:
-                context.pop(0)
-            lm_prompt = VoicePrompt(text=self._context_text(prompt, context),
-                                    codes=prompt.codes + [c for _, codes in context for c in codes],
-                                    condition=prompt.condition)
-            _, _, _, (codes,) = self.generate_codes([chunk], [lm_prompt], 1, settings)
-            history.append((chunk, codes))
+        """Speech codes chunk by chunk, as released: the text is normalised, split, and each chunk normalised
+        again; each chunk's LM prompt is the voice prompt followed by earlier chunks (their ids as fed and their
+        generated codes), the oldest dropped for good while the speech budget (``max_context``) would be exceeded
+        (:func:`vocalign.policies.long_text.chunk_prompt`), so that voice and prosody carry across chunks."""
+        voice = Turn.of(self.lm.text_ids(prompt.text + " "), prompt.codes)  # prompt.text is already normalised
+        history: list[Turn] = []
+        for chunk in split_text(normalize_text(text)):
+            chunk_text = self.text_input(chunk)
+            chunk_ids = self.lm.text_ids(chunk_text)
+            context = chunk_prompt(voice, history, chunk_ids, self.max_context)
+            request = TTSPrompt(chunk_text, prompt.text, context.codes, prompt_text_ids=context.text_ids)
+            _, _, _, (codes,) = self._generate([request], 1, settings)
+            history = context.history + [Turn.of(chunk_ids, codes)]
             yield codes
-
-    def _context_text(self, prompt: VoicePrompt, context: Sequence[tuple[str, list[int]]]) -> str:
-        text = prompt.text
-        for chunk, _ in context:
-            text = join_text(text, chunk)
-        return text
-
-    def _prompt_tokens(self, prompt: VoicePrompt, context: Sequence[tuple[str, list[int]]], chunk: str) -> int:
-        text = self.lm.tokenizer(self.text_input(join_text(self._context_text(prompt, context), chunk)),
-                                 add_special_tokens=False).input_ids
-        return len(text) + len(prompt.codes) + sum(len(codes) for _, codes in context)
 
     def synthesize(self, text: str, prompt: VoicePrompt, settings: SynthesisSettings = SynthesisSettings()
                    ) -> np.ndarray:

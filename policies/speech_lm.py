@@ -29,6 +29,10 @@ NUM_CODES = 32768
 # Key of ``llm/generation_config.json`` that makes a checkpoint sample speech tokens (and the stop token) only;
 # the released checkpoint has none, so it samples the whole vocabulary as released.
 SPEECH_ONLY_KEY = "sample_speech_only"
+# Key of the same file for repetition-aware sampling: {"window": W, "tau": T}, or null for none. Absent (the released
+# checkpoint): the released RAS. Codes that repeat by nature (the demo's mel units hold a vowel over several codes)
+# need it off: there RAS replaces every natural repeat by a draw from the untruncated distribution.
+RAS_KEY = "repetition_aware_sampling"
 RELEASED_RAS = RepetitionAwareSampling()  # window 10, tau 0.1
 
 
@@ -59,10 +63,12 @@ def check_loading_info(info: dict, where: str) -> None:
 
 class SpeechLM:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, num_codes: int = NUM_CODES,
-                 lengths: LengthPolicy = LengthPolicy(), speech_only: bool = False) -> None:
+                 lengths: LengthPolicy = LengthPolicy(), speech_only: bool = False,
+                 ras: RepetitionAwareSampling | None = RELEASED_RAS) -> None:
         """``speech_only``: draw speech tokens and the stop token only (default: the whole vocabulary, as
-        released)."""
+        released); ``ras``: the repetition-aware sampling of :meth:`generate` (None: plain sampling)."""
         self.model, self.tokenizer, self.lengths, self.speech_only = model, tokenizer, lengths, speech_only
+        self.ras = ras
         self.vocab = SpeechVocab.from_tokenizer(tokenizer, num_codes)
         vocab_size = model.get_input_embeddings().num_embeddings
         if self.vocab.audio_0 + num_codes > vocab_size:
@@ -89,11 +95,24 @@ class SpeechLM:
                                                        ignore_mismatched_sizes=True)
         check_loading_info(info, f"{llm_dir} weights")
         tokenizer = load_tokenizer(ckpt / "vq32k-phoneme-tokenizer", trust_remote_code)
+        generation = llm_dir / "generation_config.json"
+        settings = json.loads(generation.read_text()) if generation.is_file() else {}
         if speech_only is None:
-            generation = llm_dir / "generation_config.json"
-            speech_only = bool(json.loads(generation.read_text()).get(SPEECH_ONLY_KEY, False)) \
-                if generation.is_file() else False
-        return cls(model.to(device).eval(), tokenizer, num_codes, speech_only=speech_only)
+            speech_only = bool(settings.get(SPEECH_ONLY_KEY, False))
+        ras = settings.get(RAS_KEY, {"window": RELEASED_RAS.window, "tau": RELEASED_RAS.tau})
+        if ras is not None and not (isinstance(ras, dict) and set(ras) == {"window", "tau"}):
+            raise ValueError(f"{generation}: {RAS_KEY} must be {{\"window\": W, \"tau\": T}} or null, got {ras!r}")
+        return cls(model.to(device).eval(), tokenizer, num_codes, speech_only=speech_only,
+                   ras=None if ras is None else RepetitionAwareSampling(int(ras["window"]), float(ras["tau"])))
+
+    def save_sampling_settings(self, llm_dir: str | Path) -> None:
+        """Record ``speech_only`` and ``ras`` in ``llm_dir/generation_config.json`` (keeping what is there), so that
+        :meth:`from_pretrained` samples this checkpoint the way it is meant to be sampled."""
+        generation = Path(llm_dir) / "generation_config.json"
+        settings = json.loads(generation.read_text()) if generation.is_file() else {}
+        settings[SPEECH_ONLY_KEY] = self.speech_only
+        settings[RAS_KEY] = None if self.ras is None else {"window": self.ras.window, "tau": self.ras.tau}
+        generation.write_text(json.dumps(settings, indent=2) + "\n")
 
     # ------------------------------------------------------------------ prompt layout
     def text_ids(self, text: str) -> list[int]:
@@ -159,7 +178,6 @@ class SpeechLM:
         top_p: float | None = 0.8,
         max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
-        ras: RepetitionAwareSampling | None = RELEASED_RAS,
         synced_processes: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, Sampled]:
         """Sample speech tokens for every prompt ``num_generations`` times. ``model`` overrides the wrapped one
@@ -176,7 +194,7 @@ class SpeechLM:
         out = sample(policy, ids.to(device), mask.to(device), max_new_tokens=max_len.to(device),
                      min_new_tokens=min_len.to(device), stop_token_id=self.vocab.stop, pad_token_id=self.vocab.pad,
                      temperature=temperature, top_k=top_k, top_p=top_p,
-                     allowed_tokens=self.allowed if self.speech_only else None, ras=ras,
+                     allowed_tokens=self.allowed if self.speech_only else None, ras=self.ras,
                      synced_processes=synced_processes)
         return ids.to(device), mask.to(device), out
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 

@@ -10,7 +10,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
 from .asr import Transcriber, build_asr
 from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample

@@ -18,6 +18,7 @@ from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
 from .hf_audio import load_audio_model
 
+
 class EmotionClassifier(Protocol):
     labels: list[str]
 

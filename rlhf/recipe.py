@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings
 
@@ -44,13 +46,18 @@ def build_toy(settings: dict[str, Any], rewards: list[dict[str, Any]], config: G
     return Run(build_toy_model(cfg), ToyEnv(cfg), ToyScorer(cfg), toy_prompts(cfg))
 
 
+def process_state() -> PartialState:
+    """The processes' shared state, made as :class:`accelerate.Accelerator` makes it. Whoever creates it first
+    fixes it for the run: without ``cpu`` set from ``ACCELERATE_USE_CPU`` (what ``accelerate launch --cpu`` sets),
+    torchrun's CPU processes would each think they run alone."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config: GRPOConfig,
                  heldout: dict[str, Any] | None) -> Run:
     """``ckpt``: a checkpoint folder, ``demo`` (the demo TTS vocalign ships, see ``vocalign make-demo-tts``) or
     ``tiny`` (a random tiny one in the published layout, written under output_dir); ``data``: a JSON-lines/parquet
     prompt file, or ``demo`` (the demo's GRPO prompts); ``flow_steps``; ``trust_remote_code``."""
-    from accelerate import PartialState
-
     from vocalign.policies.checkpoints import write_tiny_checkpoint
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
 
@@ -66,7 +73,7 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
             raise ValueError(f"env.{required} is required: "
                              + ("a checkpoint folder, `demo` or `tiny`" if required == "ckpt"
                                 else "a JSON-lines/parquet prompt file, or `demo`"))
-    state = PartialState()
+    state = process_state()
     ckpt = {"demo": DEMO_CKPT, "tiny": Path(config.output_dir) / "tiny-ckpt"}.get(settings["ckpt"],
                                                                                   Path(settings["ckpt"]))
     if settings["ckpt"] == "tiny":

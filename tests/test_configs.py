@@ -2,19 +2,24 @@
 
 import pytest
 
+from vocalign.eval.heldout import HeldoutSettings
 from vocalign.rlhf.config import GRPOConfig, from_dict, load_yaml, load_yaml_list
+from vocalign.rlhf.demo_tts import DemoTTSConfig, load_demo_config
 from vocalign.rlhf.sft import load_sft_config
 
 from .conftest import REPO
 
-RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "lora_voice.yaml")
+NOT_GRPO = {"lora_voice.yaml", "demo_tts.yaml"}  # `vocalign sft` and `vocalign make-demo-tts` configs
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name not in NOT_GRPO)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_trainer_section_is_valid(path):
     recipe = load_yaml(path)
-    assert set(recipe) <= {"env", "trainer", "rewards"} and recipe["env"]["name"] in {"toy", "glmtts"}
+    assert set(recipe) <= {"env", "trainer", "rewards", "eval"} and recipe["env"]["name"] in {"toy", "glmtts"}
     config = from_dict(GRPOConfig, recipe["trainer"], "trainer")
+    if "eval" in recipe:
+        from_dict(HeldoutSettings, recipe["eval"], "eval")
     if recipe.get("rewards"):
         names = [r["name"] for r in recipe["rewards"]]
         assert set(config.reward_weights) <= set(names)
@@ -30,3 +35,8 @@ def test_published_recipe_values():
 def test_reward_lists_and_sft_config_parse():
     assert [r["name"] for r in load_yaml_list(REPO / "configs" / "rewards" / "eval_cpu.yaml")] == ["cer", "sim"]
     assert load_sft_config(REPO / "configs" / "lora_voice.yaml").lora.r == 8
+
+
+def test_demo_tts_config_writes_out_the_defaults():
+    """configs/demo_tts.yaml says every setting in it is DemoTTSConfig's default: a changed default shows here."""
+    assert load_demo_config(REPO / "configs" / "demo_tts.yaml") == DemoTTSConfig()

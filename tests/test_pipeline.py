@@ -9,7 +9,10 @@ import soundfile as sf
 import torch
 
 from vocalign.policies.checkpoints import write_tiny_checkpoint
+from vocalign.policies.frontend.text import normalize_text, split_text
+from vocalign.policies.mel import MEL_24K, log_mel
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+from vocalign.rewards.audio import to_model_rate
 
 from .conftest import REPO
 
@@ -51,7 +54,9 @@ def test_streaming_matches_offline_length_and_emits_before_the_end(ckpt, prompt_
     pipeline = TTSPipeline.from_pretrained(ckpt)
     audio, rate = sf.read(prompt_wav, dtype="float32")
     prompt = pipeline.prepare_prompt(audio, rate, "你好")
-    assert len(prompt.condition.mel) == 2 * len(prompt.codes)
+    # as released, every code and every mel frame of the prompt is kept (no trimming to two frames per code)
+    assert prompt.codes == pipeline.codec.tokenize(audio, rate)
+    assert len(prompt.condition.mel) == log_mel(torch.from_numpy(to_model_rate(audio, rate, 24000)), MEL_24K).shape[-1]
     settings = SynthesisSettings(flow_steps=2, max_new_tokens=120)
     text = "今天天气很好，我们去公园散步吧。"
     torch.manual_seed(3)
@@ -88,9 +93,11 @@ def test_long_text_chunks_carry_earlier_chunks_within_the_context_budget(ckpt, p
     torch.manual_seed(0)
     codes = list(pipeline.long_text_codes(text, prompt, SynthesisSettings(max_new_tokens=20)))
     assert len(codes) == len(seen) == 2
-    assert seen[0].prompt_codes == prompt.codes and seen[0].prompt_text == "你好。"  # normalised as released
+    voice_ids = pipeline.lm.text_ids("你好。 ")  # the prompt text normalised as released, then " "
+    assert seen[0].prompt_codes == prompt.codes and seen[0].prompt_text_ids == voice_ids
     assert seen[1].prompt_codes == prompt.codes + codes[0]  # the first chunk's speech carried as context
-    assert seen[1].prompt_text.startswith("你好。今天天气很好")
+    first = split_text(normalize_text(text))[0]  # and its ids as they were fed, not re-tokenised
+    assert seen[1].prompt_text_ids == voice_ids + pipeline.lm.text_ids(pipeline.text_input(first))
     seen.clear()
     pipeline.max_context = 10  # too small for any history: chunks fall back to the voice prompt alone
     list(pipeline.long_text_codes(text, prompt, SynthesisSettings(max_new_tokens=20)))

@@ -75,8 +75,7 @@ def test_cer_reward_formula_resampling_and_info():
 
 
 def tiny_whisper_folder(path):
-    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              WhisperProcessor, WhisperTokenizer)
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
 
     vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}
     specials = ["<|endoftext|>", "<|startoftranscript|>"]

@@ -7,8 +7,7 @@ import torch
 from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
 from vocalign.rewards.emotion import AudioClassifierEmotion, EmotionReward
-from vocalign.rewards.laughter import (AudioClassifierLaughterDetector, LaughterReward, asks_for_laughter,
-                                       transcribes_laughter)
+from vocalign.rewards.laughter import AudioClassifierLaughterDetector, LaughterReward, asks_for_laughter, transcribes_laughter
 from vocalign.rewards.similarity import ResemblyzerEncoder, SpeakerSimilarityReward, XVectorEncoder, cosine
 
 from .speech import needs_espeak, speak

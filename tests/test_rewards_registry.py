@@ -7,8 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from vocalign.rewards.base import (RewardResult, Sample, available_rewards, build_reward, dependency_order,
-                                   score_all)
+from vocalign.rewards.base import RewardResult, Sample, available_rewards, build_reward, dependency_order, score_all
 from vocalign.rewards.energy import EnergyReward
 
 

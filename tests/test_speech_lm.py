@@ -137,3 +137,24 @@ def test_whole_vocabulary_is_drawn_by_default_as_released(ckpt, tmp_path, caplog
         codes = lm.codes(out)
     assert sum(map(len, codes)) == int(speech.sum()) and all(0 <= c < 64 for row in codes for c in row)
     assert "are not speech tokens" in caplog.text
+
+
+def test_sampling_settings_travel_with_the_checkpoint(ckpt, tmp_path):
+    import shutil
+
+    from vocalign.policies.sampling import RepetitionAwareSampling
+
+    assert SpeechLM.from_pretrained(ckpt, num_codes=64).ras == RepetitionAwareSampling(10, 0.1)  # as released
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    lm = SpeechLM.from_pretrained(copy, num_codes=64)
+    lm.ras = None
+    lm.save_sampling_settings(copy / "llm")
+    again = SpeechLM.from_pretrained(copy, num_codes=64)
+    assert again.ras is None and again.speech_only
+    lm.ras = RepetitionAwareSampling(4, 0.5)
+    lm.save_sampling_settings(copy / "llm")
+    assert SpeechLM.from_pretrained(copy, num_codes=64).ras == RepetitionAwareSampling(4, 0.5)
+    (copy / "llm" / "generation_config.json").write_text('{"repetition_aware_sampling": 3}')
+    with pytest.raises(ValueError, match="repetition_aware_sampling must be"):
+        SpeechLM.from_pretrained(copy, num_codes=64)

@@ -65,12 +65,6 @@ def contains_chinese(text: str) -> bool:
     return bool(_HAN.search(text))
 
 
-def join_text(left: str, right: str) -> str:
-    """No space after Chinese text or CJK punctuation, one space otherwise."""
-    last = left[-1:]
-    return left + right if is_chinese(last) or unicodedata.east_asian_width(last) in ("W", "F") else f"{left} {right}"
-
-
 # ---------------------------------------------------------------------------------------------------- numbers
 def chinese_number(value: str | int) -> str:
     """Digits read the way the release's scientific-notation rule reads them: place by place, zeros collapsed,
