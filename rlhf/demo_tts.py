@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
 from vocalign.policies.codec import MelUnitCodec
+from vocalign.policies.frontend.text import normalize_text
 from vocalign.policies.frontend.tokenizer import build_word_tokenizer
 from vocalign.policies.mel_units import MelUnits, MelUnitsConfig
 from vocalign.policies.pipeline import MEL_UNITS_DIR
@@ -221,7 +222,9 @@ def make_corpus(cfg: DemoTTSConfig) -> Corpus:
 
 # ---------------------------------------------------------------------------------------------- 3-5: models
 def sft_examples(lm: SpeechLM, utterances: list[Utterance], prompts_per_utterance: int, seed: int) -> list[Example]:
-    """Each utterance with ``prompts_per_utterance`` other utterances of its voice as voice prompt."""
+    """Each utterance with ``prompts_per_utterance`` other utterances of its voice as voice prompt. Both texts are
+    normalised as the pipeline normalises them at synthesis (GLM-TTS's front end ends a sentence with a full stop):
+    a model trained on raw texts meets an unseen token in every evaluation and GRPO prompt."""
     rng = random.Random(seed)
     by_voice: dict[str, list[Utterance]] = {}
     for utt in utterances:
@@ -230,7 +233,8 @@ def sft_examples(lm: SpeechLM, utterances: list[Utterance], prompts_per_utteranc
     for utt in utterances:
         others = [u for u in by_voice[utt.voice] if u is not utt]
         for prompt in rng.sample(others, min(prompts_per_utterance, len(others))):
-            examples.append(lm.training_example(TTSPrompt(utt.text, prompt.text, prompt.codes), utt.codes))
+            request = TTSPrompt(normalize_text(utt.text), normalize_text(prompt.text), prompt.codes)
+            examples.append(lm.training_example(request, utt.codes))
     return examples
 
 
@@ -278,7 +282,8 @@ def heldout_word_error_rates(lm: SpeechLM, codec: MelUnitCodec, corpus: Corpus, 
     spoken = [speak(text, prompt.voice, cfg.speech.rate, codec.sample_rate) for text, prompt in pairs]
     round_trip = codec.units.decode_batch([codec.units.encode(audio) for audio in spoken])
     torch.manual_seed(cfg.seed)
-    requests = [TTSPrompt(text, prompt.text, codec.units.encode(prompt.audio)) for text, prompt in pairs]
+    requests = [TTSPrompt(normalize_text(text), normalize_text(prompt.text), codec.units.encode(prompt.audio))
+                for text, prompt in pairs]
     _, _, sampled = lm.generate(requests, temperature=1.0, top_k=25, top_p=0.8, max_new_tokens=256)
     synthesised = codec.units.decode_batch(lm.codes(sampled))
 

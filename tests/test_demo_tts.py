@@ -6,8 +6,19 @@ import json
 import numpy as np
 import pytest
 
+from vocalign.policies.codec import MelUnitCodec
+from vocalign.policies.mel_units import MelUnits
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
-from vocalign.rlhf.demo_tts import DemoTTSConfig, build_demo_tts, load_demo_config, make_corpus
+from vocalign.policies.speech_lm import TTSPrompt
+from vocalign.rlhf.demo_tts import (
+    DemoTTSConfig,
+    Utterance,
+    build_demo_tts,
+    load_demo_config,
+    make_corpus,
+    new_speech_lm,
+    sft_examples,
+)
 from vocalign.rlhf.tts_env import load_prompt_rows
 
 from .conftest import REPO
@@ -64,3 +75,22 @@ def test_miniature_build_leaves_a_checkpoint_the_pipeline_loads(tmp_path):
     assert speech.dtype == np.float32 and len(speech) % 640 == 0 and 0 < len(speech) <= 20 * 640
     with pytest.raises(ValueError, match="does not stream"):
         next(pipeline.stream(rows[0]["text"], prompt))
+
+
+def test_sft_examples_feed_what_synthesis_feeds(tmp_path):
+    """The SFT layout is the inference layout, texts normalised alike (GLM-TTS's front end adds a full stop): a model
+    trained on raw texts would meet an unseen token in every GRPO and evaluation prompt."""
+    cfg = miniature(tmp_path)
+    lm = new_speech_lm(cfg)
+    rate = cfg.codec.sample_rate
+    noise = np.random.default_rng(0).normal(0, 0.1, 2 * rate).astype(np.float32)
+    units = MelUnits.fit([noise], cfg.codec, seed=0)
+    pipeline = TTSPipeline(lm, MelUnitCodec(units))
+    prompt_utt = Utterance("en-us+m1", "one two three", noise, units.encode(noise))
+    target_utt = Utterance("en-us+m1", "four five six", noise, [1, 2, 3])
+    examples = sft_examples(lm, [target_utt, prompt_utt], prompts_per_utterance=1, seed=0)
+    prompt = pipeline.prepare_prompt(noise, rate, prompt_utt.text)
+    fed, _ = lm.encode(TTSPrompt(pipeline.text_input(target_utt.text), prompt.text, prompt.codes))
+    ids, labels = examples[0]
+    assert ids[:len(fed)] == fed and lm.tokenizer.decode(fed[:4]).endswith(".")
+    assert labels[len(fed):] == ids[len(fed):] and set(labels[:len(fed)]) == {-100}
