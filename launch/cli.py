@@ -67,20 +67,19 @@ def _serve_reward(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    import soundfile as sf
     import torch
     from tqdm.auto import tqdm
 
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.rewards.audio import audio_writer, read_audio
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code, adapter=args.adapter)
-    audio, rate = sf.read(args.prompt_wav, dtype="float32", always_2d=True)
-    prompt = pipeline.prepare_prompt(audio.mean(axis=1), rate, args.prompt_text)
+    prompt = pipeline.prepare_prompt(*read_audio(args.prompt_wav), args.prompt_text)
     settings = SynthesisSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  flow_steps=args.flow_steps)
-    with sf.SoundFile(args.out, "w", samplerate=pipeline.sample_rate, channels=1) as out:
+    with audio_writer(args.out, pipeline.sample_rate) as out:
         pieces = pipeline.stream(args.text, prompt, settings) if args.stream else iter(
             [pipeline.synthesize(args.text, prompt, settings)])
         for piece in tqdm(pieces, desc="synth", unit="piece"):

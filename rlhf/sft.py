@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vocalign.policies.pipeline import TTSPipeline
 from vocalign.policies.speech_lm import TTSPrompt
+from vocalign.rewards.audio import read_audio
 
 from .config import LoraSettings, from_dict, load_yaml, wrap_lora
 
@@ -58,8 +58,7 @@ def load_voice_data(path: str | Path, pipeline: TTSPipeline) -> list[tuple[list[
         if not row.get("text") or not row.get("audio"):
             raise ValueError(f"{path}:{n}: every row needs `text` and `audio`")
         wav = Path(row["audio"]) if Path(row["audio"]).is_absolute() else path.parent / row["audio"]
-        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
-        codes = pipeline.codec.tokenize(audio.mean(axis=1), rate)
+        codes = pipeline.codec.tokenize(*read_audio(wav))
         examples.append(pipeline.lm.training_example(TTSPrompt(pipeline.text_input(row["text"]), "", []), codes))
     if not examples:
         raise ValueError(f"{path} holds no examples")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline, VoicePrompt
+from vocalign.rewards.audio import check_audio_file, read_audio
 from vocalign.rewards.base import RewardPlugin, Sample, build_reward, score_all
 from vocalign.rewards.client import RemoteReward
 
@@ -55,9 +55,9 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
         row["prompt_wav"] = str(wav if wav.is_absolute() else path.parent / wav)
     for wav in sorted({r["prompt_wav"] for r in rows}):  # at load, not at the first rollout
         try:
-            sf.info(wav)
-        except sf.SoundFileError as err:
-            raise ValueError(f"{path}: prompt_wav {wav} cannot be read as audio ({err})") from None
+            check_audio_file(wav)
+        except ValueError as err:
+            raise ValueError(f"{path}: prompt_wav {err}") from None
     return rows
 
 
@@ -71,8 +71,7 @@ class TTSEnv:
     def _voice(self, row: Mapping[str, Any]) -> tuple[VoicePrompt, np.ndarray, int]:
         path = row["prompt_wav"]
         if path not in self._prompt_audio:
-            audio, rate = sf.read(path, dtype="float32", always_2d=True)
-            self._prompt_audio[path] = (audio.mean(axis=1), rate)
+            self._prompt_audio[path] = read_audio(path)
         audio, rate = self._prompt_audio[path]
         key = (path, row["prompt_text"])
         if key not in self._voices:  # tokenising and embedding a prompt once per run is enough
