@@ -93,8 +93,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from vocalign.eval.seed_tts_eval import evaluate, read_list
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.rewards.scorer import build_plugin
     from vocalign.rlhf.config import load_yaml_list
-    from vocalign.rlhf.tts_env import build_plugin
 
     if args.seed is not None:
         torch.manual_seed(args.seed)

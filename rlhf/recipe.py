@@ -60,9 +60,10 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
     prompt file, or ``demo`` (the demo's GRPO prompts); ``flow_steps``; ``trust_remote_code``."""
     from vocalign.policies.checkpoints import write_tiny_checkpoint
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.rewards.scorer import RewardScorer, build_plugin
 
     from .demo_tts import DEMO_CKPT, DEMO_PROMPTS
-    from .tts_env import RewardScorer, TTSEnv, build_plugin, load_prompt_rows
+    from .tts_env import TTSEnv, load_prompt_rows
 
     known = {"ckpt", "data", "flow_steps", "trust_remote_code"}
     unknown = sorted(set(settings) - known)

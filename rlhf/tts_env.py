@@ -1,9 +1,9 @@
-"""The GLM-TTS rollout environment: prompts -> G speech-token samples each -> audio -> reward plugins.
+"""The GLM-TTS rollout environment: prompts -> G speech-token samples each -> audio, with what rewards need.
 
 The speech LM samples (with the trainer's policy, temperature and length bounds), then the codec's decoder (flow
-matching and the vocoder for GLM-TTS) turns every sample into audio, all batched and kept in memory. Rewards are any
-mix of in-process plugins and reward servers behind the same interface; the scorer reports timings and server
-failures with the step's metrics.
+matching and the vocoder for GLM-TTS) turns every sample into audio, all batched and kept in memory. Each sample's
+extras hold the audio, its text, language, voice prompt and emotion, which is what
+:class:`vocalign.rewards.scorer.RewardScorer` turns into reward plugin samples.
 
 Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text``, ``language``, ``prompt_wav``
 (a path, relative to the data file), ``prompt_text`` and an optional ``emotion``.
@@ -11,7 +11,6 @@ Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text`
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -23,12 +22,8 @@ import torch
 
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline, VoicePrompt
 from vocalign.rewards.audio import check_audio_file, read_audio
-from vocalign.rewards.base import RewardPlugin, Sample, build_reward, score_all
-from vocalign.rewards.client import RemoteReward
 
 from .rollout import Rollouts, SamplingParams
-
-logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("text", "language", "prompt_wav", "prompt_text")
 
@@ -97,58 +92,3 @@ class TTSEnv:
                    "emotion": row.get("emotion")} for a, row, v in zip(audio, rows, per_sample)]
         return Rollouts(ids.cpu(), mask.cpu(), sampled.tokens.cpu(), sampled.mask.cpu(), sampled.logps.cpu(),
                         num_generations, extras)
-
-
-def build_plugin(spec: Mapping[str, Any]) -> RewardPlugin:
-    """``{name: cer, ...settings}`` in-process, ``{name: sim, urls: [...], ...client settings}`` via servers, or
-    ``{name: mine, target: pkg.module:Class, ...}``."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if not name:
-        raise ValueError(f"a reward entry needs a name: {spec}")
-    if "urls" in spec:
-        return RemoteReward(name, spec.pop("urls"), **spec)
-    return build_reward(name, spec.pop("target", None), **spec)
-
-
-class RewardScorer:
-    """Scores rollouts whose extras describe utterances (see :class:`TTSEnv`) with reward plugins.
-
-    Each sample's results (value and info, e.g. the transcript) are stored in its extras under ``scores``, so they
-    travel with the sample when groups are resampled and replaced, and a table of samples cannot mispair them."""
-
-    def __init__(self, plugins: Sequence[RewardPlugin]) -> None:
-        if not plugins:
-            raise ValueError("no rewards configured")
-        self.plugins = list(plugins)
-        self.reward_names = [p.name for p in self.plugins]
-        self._timing = 0.0
-
-    def score(self, rollouts: Rollouts) -> dict[str, list[float]]:
-        samples = [Sample.from_mapping(e) for e in rollouts.extras]
-        t0 = time.perf_counter()
-        results = score_all(self.plugins, samples)
-        self._timing = time.perf_counter() - t0
-        for i, extra in enumerate(rollouts.extras):
-            extra["scores"] = {name: scored[i] for name, scored in results.items()}
-        return {name: [r.value for r in scored] for name, scored in results.items()}
-
-    def sample_rows(self, rollouts: Rollouts, n: int) -> list[dict[str, Any]]:
-        """The first ``n`` scored samples of ``rollouts``, for a table of audio, text, rewards and transcripts."""
-        rows = []
-        for extra in rollouts.extras[:n]:
-            row: dict[str, Any] = {"audio": extra["audio"], "sample_rate": extra["sample_rate"], "text": extra["text"]}
-            for name, result in extra.get("scores", {}).items():
-                row[name] = result.value
-                if "transcript" in result.info:
-                    row["transcript"] = result.info["transcript"]
-            rows.append(row)
-        return rows
-
-    def metrics(self) -> dict[str, float]:
-        out = {"time/rewards_s": self._timing}
-        for plugin in self.plugins:
-            client = getattr(plugin, "client", None)
-            if client is not None:
-                out[f"reward_servers/{plugin.name}/failed_attempts"] = float(client.stats.failed_attempts)
-        return out
