@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from vocalign.policies.pipeline import TTSPipeline
 from vocalign.policies.speech_lm import TTSPrompt
 from vocalign.rewards.audio import read_audio
 
-from .config import LoraSettings, from_dict, load_yaml, wrap_lora
+from .config import LoraSettings, apply_overrides, from_dict, load_yaml, wrap_lora
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +130,9 @@ def train_voice(cfg: SFTConfig) -> dict[str, Any]:
     return summary
 
 
-def load_sft_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SFTConfig:
-    data = load_yaml(path)
-    data.update(overrides or {})
+def load_sft_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SFTConfig:
+    """The SFT file with ``overrides`` (dotted keys, e.g. ``epochs`` or ``lora.r``) applied."""
+    data = apply_overrides(load_yaml(path), (overrides or {}).items())
     config = from_dict(SFTConfig, data, "sft")
     if not config.learning_rate > 0 or config.epochs < 1 or config.batch_size < 1:
         raise ValueError("learning_rate must be > 0, epochs and batch_size >= 1")
