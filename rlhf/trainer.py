@@ -225,11 +225,9 @@ class GRPOTrainer:
             "schedule/temperature": hp.temperature, "lr": self.lr_scheduler.get_last_lr()[0],
             "time/rollout_s": t_rollout, "time/update_s": t_update,
         })
-        # environments and scorers may report their own figures (stage timings, reward-server failures)
-        metrics.update(getattr(self.env, "last_timings", {}))
-        scorer_metrics = getattr(self.scorer, "metrics", None)
-        if callable(scorer_metrics):
-            metrics.update(scorer_metrics())
+        # the environment's and the scorer's own figures (stage timings, reward-server failures)
+        metrics.update(self.env.metrics())
+        metrics.update(self.scorer.metrics())
         return metrics
 
     # ------------------------------------------------------------------ rollouts and rewards
@@ -384,12 +382,11 @@ class GRPOTrainer:
     def _completion_table(self) -> dict[str, Any]:
         """A few samples for wandb: a table of text, rewards and transcripts, and the audio with the same as
         captions, when the scorer can describe its samples; empty otherwise."""
-        rows_for = getattr(self.scorer, "sample_rows", None)
-        if not (callable(rows_for) and self.config.log_completions and self.accelerator.is_main_process):
+        if not (self.config.log_completions and self.accelerator.is_main_process):
             return {}
         import wandb
 
-        rows = rows_for(self.last_rollouts, self.config.log_completions)
+        rows = self.scorer.sample_rows(self.last_rollouts, self.config.log_completions)
         if not rows:
             return {}
         columns = [k for k in rows[0] if k not in ("audio", "sample_rate")]

@@ -23,7 +23,7 @@ import torch
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline, VoicePrompt
 from vocalign.rewards.audio import check_audio_file, read_audio
 
-from .rollout import Rollouts, SamplingParams
+from .rollout import RolloutEnv, Rollouts, SamplingParams
 
 REQUIRED_COLUMNS = ("text", "language", "prompt_wav", "prompt_text")
 
@@ -56,12 +56,12 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-class TTSEnv:
+class TTSEnv(RolloutEnv):
     def __init__(self, pipeline: TTSPipeline, settings: SynthesisSettings = SynthesisSettings()) -> None:
         self.pipeline, self.settings = pipeline, settings
         self._voices: dict[tuple[str, str], VoicePrompt] = {}
         self._prompt_audio: dict[str, tuple[np.ndarray, int]] = {}
-        self.last_timings: dict[str, float] = {}
+        self._timings: dict[str, float] = {}
 
     def _voice(self, row: Mapping[str, Any]) -> tuple[VoicePrompt, np.ndarray, int]:
         path = row["prompt_wav"]
@@ -85,10 +85,14 @@ class TTSEnv:
         t1 = time.perf_counter()
         per_sample = [v for v in voices for _ in range(num_generations)]
         audio = self.pipeline.codes_to_audio(codes, [v[0] for v in per_sample], settings.flow_steps)
-        self.last_timings = {"time/speech_lm_s": t1 - t0, "time/token_to_audio_s": time.perf_counter() - t1}
+        self._timings = {"time/speech_lm_s": t1 - t0, "time/token_to_audio_s": time.perf_counter() - t1}
         rows = [r for r in prompts for _ in range(num_generations)]
         extras = [{"audio": a, "sample_rate": self.pipeline.sample_rate, "text": row["text"],
                    "language": row["language"], "prompt_audio": v[1], "prompt_sample_rate": v[2],
                    "emotion": row.get("emotion")} for a, row, v in zip(audio, rows, per_sample)]
         return Rollouts(ids.cpu(), mask.cpu(), sampled.tokens.cpu(), sampled.mask.cpu(), sampled.logps.cpu(),
                         num_generations, extras)
+
+    def metrics(self) -> dict[str, float]:
+        """Seconds the latest rollout spent in the speech LM and in turning tokens into audio."""
+        return dict(self._timings)
