@@ -27,6 +27,9 @@ class SamplingParams:
     top_p: float | None = None
     max_new_tokens: int = 256
     min_new_tokens: int = 0
+    # keep calling the model until every process is done (the sampler's ``synced_processes``): the trainer sets it
+    # under DeepSpeed ZeRO-3 with several processes, where each forward pass is a collective
+    synced_processes: bool = False
 
 
 @dataclass

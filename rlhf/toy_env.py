@@ -83,6 +83,7 @@ class ToyEnv(RolloutEnv):
             model, ids, mask, max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
             stop_token_id=self.cfg.stop_token_id, pad_token_id=self.cfg.stop_token_id,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            synced_processes=sampling.synced_processes,
         )
         return Rollouts(ids, mask, out.tokens, out.mask, out.logps, num_generations)
 

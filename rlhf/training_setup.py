@@ -45,10 +45,10 @@ def accumulation_steps(config: GRPOConfig) -> int:
 
 
 def generation_is_collective(accelerator: Accelerator) -> bool:
-    """Under DeepSpeed ZeRO-3 each process holds a shard of the weights, so a forward pass is a collective: a
-    process that finished sampling (or resampling) must keep step with the others until all have."""
+    """Under DeepSpeed ZeRO-3 each process holds a shard of the weights, so a forward pass is a collective: with
+    several processes, one that finished sampling (or resampling) must keep step with the others until all have."""
     return (accelerator.distributed_type == DistributedType.DEEPSPEED
-            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+            and accelerator.state.deepspeed_plugin.zero_stage == 3 and accelerator.num_processes > 1)
 
 
 def make_accelerator(config: GRPOConfig) -> Accelerator:

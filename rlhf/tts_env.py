@@ -77,7 +77,7 @@ class TTSEnv(RolloutEnv):
                 sampling: SamplingParams) -> Rollouts:
         settings = replace(self.settings, temperature=sampling.temperature, top_k=sampling.top_k,
                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-                           min_new_tokens=sampling.min_new_tokens)
+                           min_new_tokens=sampling.min_new_tokens, synced_processes=sampling.synced_processes)
         voices = [self._voice(row) for row in prompts]
         t0 = time.perf_counter()
         ids, mask, sampled, codes = self.pipeline.generate_codes([r["text"] for r in prompts], [v[0] for v in voices],
