@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 MODEL_RATE = 16000  # what the reward models (ASR, speaker and emotion encoders) and the speech tokenizer take
+ALLOWED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
 class BadAudioError(ValueError):
@@ -58,16 +59,15 @@ def audio_writer(path: str | Path, sample_rate: int) -> sf.SoundFile:
 
 
 # ---------------------------------------------------------------------------------------------- audio arrays
-def check_audio(audio: np.ndarray, sample_rate: int, *, what: str = "audio", max_seconds: float = 60.0,
-                allowed_rates: tuple[int, ...] = (8000, 16000, 22050, 24000, 32000, 44100, 48000)) -> np.ndarray:
+def check_audio(audio: np.ndarray, sample_rate: int, *, what: str = "audio", max_seconds: float = 60.0) -> np.ndarray:
     """Return ``audio`` as a 1-D float32 array or raise :class:`BadAudioError` saying what is wrong."""
     audio = np.asarray(audio)
     if audio.ndim != 1:
         raise BadAudioError(f"{what} must be mono (1-D), got shape {audio.shape}")
     if audio.size == 0:
         raise BadAudioError(f"{what} is empty")
-    if sample_rate not in allowed_rates:
-        raise BadAudioError(f"{what} has sample rate {sample_rate}; expected one of {allowed_rates}")
+    if sample_rate not in ALLOWED_RATES:
+        raise BadAudioError(f"{what} has sample rate {sample_rate}; expected one of {ALLOWED_RATES}")
     if not np.isfinite(audio).all():
         raise BadAudioError(f"{what} contains NaN or inf samples")
     seconds = audio.size / sample_rate
