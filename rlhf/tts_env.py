@@ -84,7 +84,7 @@ class TTSEnv(RolloutEnv):
                                                                  num_generations, settings, model=model)
         t1 = time.perf_counter()
         per_sample = [v for v in voices for _ in range(num_generations)]
-        audio = self.pipeline.codes_to_audio(codes, [v[0] for v in per_sample], settings.flow_steps)
+        audio = self.pipeline.codec.decode(codes, [v[0] for v in per_sample], settings.flow_steps)
         self._timings = {"time/speech_lm_s": t1 - t0, "time/token_to_audio_s": time.perf_counter() - t1}
         rows = [r for r in prompts for _ in range(num_generations)]
         extras = [{"audio": a, "sample_rate": self.pipeline.sample_rate, "text": row["text"],
