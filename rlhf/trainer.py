@@ -38,6 +38,9 @@ from .training_setup import prepare_training, reference_policy, resume
 
 
 class GRPOTrainer:
+    """GRPO of ``model`` on ``prompts`` through any rollout environment and scorer (``rlhf/rollout.py``); after
+    :meth:`train`, ``output_dir`` holds checkpoints, ``final/`` and ``metrics_path`` (``metrics.jsonl``)."""
+
     def __init__(self, model: torch.nn.Module, env: RolloutEnv, scorer: Scorer, prompts: Sequence[Any],
                  config: GRPOConfig, accelerator: Accelerator | None = None) -> None:
         self.config, self.env, self.scorer, self.prompts = config, env, scorer, prompts

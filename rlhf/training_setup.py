@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingSetup:
+    """What the loop holds from the first step to the last."""
+
     accelerator: Accelerator
     model: torch.nn.Module  # the policy as accelerate prepared it (DDP or a DeepSpeed engine)
     optimizer: torch.optim.Optimizer
@@ -52,6 +54,8 @@ def generation_is_collective(accelerator: Accelerator) -> bool:
 
 
 def make_accelerator(config: GRPOConfig) -> Accelerator:
+    """The run's Accelerator when none is given: accumulation fixed by the batch shape, bf16 and wandb from the
+    recipe; the process layout (DDP, DeepSpeed ZeRO) comes from ``accelerate launch`` or torchrun."""
     return Accelerator(
         gradient_accumulation_steps=accumulation_steps(config),
         mixed_precision="bf16" if config.bf16 else "no",
