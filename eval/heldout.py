@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 
+from vocalign.rewards.audio import write_audio
 from vocalign.rewards.base import RewardPlugin, Sample, score_all
 from vocalign.rlhf.rollout import RolloutEnv, SamplingParams
 
@@ -173,7 +173,7 @@ def compare(results: Mapping[str, PolicyScores], out_dir: str | Path, before: st
         folder = out_dir / "eval_wavs" / name
         folder.mkdir(parents=True, exist_ok=True)
         for n, (audio, rate) in enumerate(scores.audio):
-            sf.write(folder / f"{n}.wav", audio, rate)
+            write_audio(folder / f"{n}.wav", audio, rate)
     table = format_table(report, list(results))
     (out_dir / "eval.md").write_text(table + "\n")
     logger.info("held-out evaluation (%s):\n%s", out_dir / "eval.json", table)

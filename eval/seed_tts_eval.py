@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 from tqdm.auto import tqdm
 
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+from vocalign.rewards.audio import read_audio, write_audio
 from vocalign.rewards.base import RewardPlugin, Sample, score_all
 
 logger = logging.getLogger(__name__)
@@ -69,11 +69,10 @@ def evaluate(pipeline: TTSPipeline, items: Sequence[EvalItem], plugins: Sequence
     (out_dir / "wavs").mkdir(parents=True, exist_ok=True)
     rows = []
     for item in tqdm(items, desc="eval", unit="utt"):
-        audio, rate = sf.read(item.prompt_wav, dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
+        audio, rate = read_audio(item.prompt_wav)
         prompt = pipeline.prepare_prompt(audio, rate, item.prompt_text)
         wav = pipeline.synthesize(item.text, prompt, settings)
-        sf.write(out_dir / "wavs" / f"{item.utt}.wav", wav, pipeline.sample_rate)
+        write_audio(out_dir / "wavs" / f"{item.utt}.wav", wav, pipeline.sample_rate)
         sample = Sample(wav, pipeline.sample_rate, item.text, item.language, audio, rate, item.emotion)
         results = {name: r[0] for name, r in score_all(plugins, [sample]).items()}
         row: dict[str, Any] = {"utt": item.utt, "language": item.language, "text": item.text,

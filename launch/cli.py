@@ -67,20 +67,19 @@ def _serve_reward(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    import soundfile as sf
     import torch
     from tqdm.auto import tqdm
 
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.rewards.audio import audio_writer, read_audio
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code, adapter=args.adapter)
-    audio, rate = sf.read(args.prompt_wav, dtype="float32", always_2d=True)
-    prompt = pipeline.prepare_prompt(audio.mean(axis=1), rate, args.prompt_text)
+    prompt = pipeline.prepare_prompt(*read_audio(args.prompt_wav), args.prompt_text)
     settings = SynthesisSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  flow_steps=args.flow_steps)
-    with sf.SoundFile(args.out, "w", samplerate=pipeline.sample_rate, channels=1) as out:
+    with audio_writer(args.out, pipeline.sample_rate) as out:
         pieces = pipeline.stream(args.text, prompt, settings) if args.stream else iter(
             [pipeline.synthesize(args.text, prompt, settings)])
         for piece in tqdm(pieces, desc="synth", unit="piece"):
@@ -94,8 +93,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from vocalign.eval.seed_tts_eval import evaluate, read_list
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.rewards.scorer import build_plugin
     from vocalign.rlhf.config import load_yaml_list
-    from vocalign.rlhf.tts_env import build_plugin
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -115,17 +114,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    import yaml
-
+    from vocalign.rlhf.config import parse_override
     from vocalign.rlhf.sft import load_sft_config, train_voice
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like epochs=3")
-        overrides[key] = yaml.safe_load(value)
-    summary = train_voice(load_sft_config(args.config, overrides))
+    summary = train_voice(load_sft_config(args.config, dict(map(parse_override, args.set))))
     logging.getLogger("vocalign").info("adapter: %s (%.1f%% of parameters trained; loss %.3f -> %.3f)",
                                        summary["adapter"],
                                        100 * summary["trainable_parameters"] / summary["total_parameters"],
@@ -142,17 +134,10 @@ def _tiny_ckpt(args: argparse.Namespace) -> int:
 
 
 def _demo_tts(args: argparse.Namespace) -> int:
-    import yaml
-
+    from vocalign.rlhf.config import parse_override
     from vocalign.rlhf.demo_tts import build_demo_tts, load_demo_config
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like sft.steps=600")
-        overrides[key] = yaml.safe_load(value)
-    out = build_demo_tts(load_demo_config(args.config, overrides))
+    out = build_demo_tts(load_demo_config(args.config, dict(map(parse_override, args.set))))
     logging.getLogger("vocalign").info("demo TTS: %s/ckpt, prompts in %s/prompts, provenance %s/provenance.json",
                                        out, out, out)
     return 0
@@ -213,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = sub.add_parser("sft", help="LoRA voice customisation of the speech LM on one speaker's recordings")
     sft.add_argument("config", help="SFT YAML, e.g. configs/lora_voice.yaml")
-    sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sft.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a setting, e.g. --set epochs=3 --set lora.r=16")
     sft.set_defaults(func=_sft)
 
     tiny = sub.add_parser("make-tiny-ckpt", help="write a random tiny checkpoint in the published GLM-TTS layout")
@@ -226,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("make-demo-tts", help="train the demo TTS from espeak-ng speech (CPU, about 20 minutes)")
     demo.add_argument("config", nargs="?", default=str(files("vocalign.configs") / "demo_tts.yaml"),
                       help="demo TTS recipe (default: configs/demo_tts.yaml)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override a setting, e.g. --set output_dir=runs/my_demo --set sft.steps=600")
     demo.set_defaults(func=_demo_tts)
     return parser

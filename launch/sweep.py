@@ -1,7 +1,8 @@
 """Reward-ablation sweeps: run a set of recipe variants and tabulate the results like the report's tables.
 
-A sweep file names a base recipe, overrides applied to every run, and either a ``grid`` of ``section.key: [values]``
-(every combination runs) or named ``variants`` of ``section.key: value`` (an ablation list: each runs as written).
+A sweep file names a base recipe, ``overrides`` applied to every run (``section.key=value`` items, read by the same
+parser as ``vocalign train --set``), and either a ``grid`` of ``section.key: [values]`` (every combination runs) or
+named ``variants`` of ``section.key: value`` (an ablation list: each runs as written).
 Every run is its own ``vocalign train`` process (so each has a clean accelerate state and can be killed and resumed
 on its own: a finished run is not run again). The table has one row per run: its settings, the mean of each reward
 over the last ``summary_steps`` steps and, when the recipe has an ``eval`` section, the held-out metrics of the
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 
 from vocalign.eval.plots import plot_reward_curves, read_metrics
-from vocalign.rlhf.config import load_yaml
+from vocalign.rlhf.config import format_override, load_yaml, parse_override
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def run_sweep(path: str | Path) -> Path:
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {unknown}")
     runs = sweep_runs(spec)
+    fixed = [parse_override(item) for item in spec.get("overrides", [])]  # a malformed one fails before any run
     base = (path.parent / spec["base"]).resolve()
     out = Path(spec.get("output_dir", f"runs/sweep_{path.stem}"))
     out.mkdir(parents=True, exist_ok=True)
@@ -101,10 +103,8 @@ def run_sweep(path: str | Path) -> Path:
         run_dir = out / re.sub(r"[^A-Za-z0-9_-]+", "_", name.replace("=", "_").replace(",", "__").replace(".", "-"))
         if not (run_dir / "final").is_dir():
             cmd = [sys.executable, "-m", "vocalign.launch.cli", "train", str(base)]
-            for item in [*spec.get("overrides", []), *(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                                                       for k, v in values.items()),
-                         f"trainer.output_dir={run_dir}", f"trainer.run_name={name}"]:
-                cmd += ["--set", item]
+            for key, value in [*fixed, *values.items(), ("trainer.output_dir", str(run_dir)), ("trainer.run_name", name)]:
+                cmd += ["--set", format_override(key, value)]
             logger.info("sweep run %s", name)
             subprocess.run(cmd, check=True)
         metrics = read_metrics(run_dir / "metrics.jsonl")

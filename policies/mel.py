@@ -22,10 +22,6 @@ class MelConfig:
     fmin: float = 0.0
     fmax: float = 8000.0
 
-    @property
-    def frame_rate(self) -> float:
-        return self.sample_rate / self.hop
-
 
 MEL_24K = MelConfig()
 MEL_32K = MelConfig(sample_rate=32000, n_fft=2560, hop=640)

@@ -36,6 +36,7 @@ class SynthesisSettings:
     flow_steps: int = 10
     max_new_tokens: int | None = None
     min_new_tokens: int = 0  # on top of the speech LM's own bound (twice the text's tokens)
+    synced_processes: bool = False  # sample until every process is done (GRPO under ZeRO-3, several processes)
 
 
 def load_codec(ckpt: str | Path, device: str = "cpu") -> SpeechCodec:
@@ -96,7 +97,8 @@ class TTSPipeline:
         ids, mask, sampled = self.lm.generate(requests, num_generations, model=model, temperature=settings.temperature,
                                               top_k=settings.top_k, top_p=settings.top_p,
                                               max_new_tokens=settings.max_new_tokens,
-                                              min_new_tokens=settings.min_new_tokens)
+                                              min_new_tokens=settings.min_new_tokens,
+                                              synced_processes=settings.synced_processes)
         return ids, mask, sampled, self.lm.codes(sampled)
 
     def codes_to_audio(self, codes: Sequence[Sequence[int]], prompts: Sequence[VoicePrompt], flow_steps: int = 10

@@ -90,7 +90,6 @@ def sample(
     allowed_tokens: torch.Tensor | None = None,
     ras: RepetitionAwareSampling | None = None,
     synced_processes: bool = False,
-    generator: torch.Generator | None = None,
 ) -> Sampled:
     """Sample continuations of left-padded prompts.
 
@@ -132,13 +131,13 @@ def sample(
             stop_column[:, stop_token_id] = True
             drawable = drawable.masked_fill(too_short & stop_column, float("-inf"))
         probs = filter_logits(drawable, top_k, top_p).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.multinomial(probs, 1).squeeze(-1)
         if ras is not None:
             recent = torch.stack(tokens[-ras.window:], dim=1) if tokens else token.new_empty(n, 0)
             repeats = (recent == token.unsqueeze(-1)).sum(-1)
             loop = repeats >= ras.window * ras.tau
             if loop.any():
-                fallback = torch.multinomial(drawable.softmax(-1), 1, generator=generator).squeeze(-1)
+                fallback = torch.multinomial(drawable.softmax(-1), 1).squeeze(-1)
                 token = torch.where(loop, fallback, token)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)

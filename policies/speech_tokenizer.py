@@ -29,7 +29,7 @@ from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
-from .checkpoint_io import load_strict
+from vocalign.rewards.audio import load_strict
 
 SAMPLE_RATE = 16000
 SEGMENT_SECONDS = 30
@@ -88,11 +88,6 @@ class WhisperVQEncoder(nn.Module):
         pooled_positions = math.ceil(config.max_source_positions / (self.pool_kernel or 1))
         self.embed_positions2 = nn.Embedding(pooled_positions, d)  # used by the decoder side only; kept to load
         self.block = vq_setting(config, "quantize_causal_block_size")
-
-    @property
-    def frames_per_token(self) -> int:
-        """Whisper mel frames (100/s) per output token."""
-        return 2 * (self.pool_kernel or 1)
 
     def _conv(self, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
         return conv(F.pad(x, (2, 0)) if self.causal_conv else x)

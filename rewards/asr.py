@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .base import build_backend
+
 
 class Transcriber(Protocol):
     def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]: ...
@@ -106,7 +108,5 @@ class ParaformerASR:
 
 
 def build_asr(kind: str, **settings) -> Transcriber:
-    backends = {"pocketsphinx": PocketSphinxASR, "whisper": WhisperASR, "paraformer": ParaformerASR}
-    if kind not in backends:
-        raise ValueError(f"unknown ASR backend {kind!r}; choose one of {sorted(backends)}")
-    return backends[kind](**settings)
+    return build_backend("ASR", {"pocketsphinx": PocketSphinxASR, "whisper": WhisperASR, "paraformer": ParaformerASR},
+                         kind, **settings)

@@ -19,13 +19,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "vocalign.rewards"
+T = TypeVar("T")
 
 
 @dataclass
@@ -121,6 +122,15 @@ def _check_settings(name: str, path: str, factory: Callable[..., Any], settings:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"reward {name!r} ({path}) has no setting {key!r}{hint} Its settings: {accepted}")
+
+
+def build_backend(what: str, backends: Mapping[str, Callable[..., T]], kind: str, /, **settings: Any) -> T:
+    """``backends[kind](**settings)``: how a plugin builds the model it was configured with (an ASR, a speaker
+    encoder, an emotion classifier). One place, so an unknown ``kind`` reads the same everywhere and lists the
+    known ones."""
+    if kind not in backends:
+        raise ValueError(f"unknown {what} kind {kind!r}; known: {sorted(backends)}")
+    return backends[kind](**settings)
 
 
 def plugin_requires(plugin: RewardPlugin) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .audio import check_audio, to_model_rate
-from .base import RewardResult, Sample
+from .base import RewardResult, Sample, build_backend
 from .hf_audio import load_audio_model
 
 
@@ -70,10 +70,9 @@ class EmotionReward:
         if emotion_classifier is None:
             spec = dict(classifier or {})
             kind = spec.pop("kind", "emotion2vec")
-            backends = {"emotion2vec": Emotion2vecClassifier, "audio_classifier": AudioClassifierEmotion}
-            if kind not in backends:
-                raise ValueError(f"unknown emotion classifier {kind!r}; choose one of {sorted(backends)}")
-            emotion_classifier = backends[kind](**spec)
+            emotion_classifier = build_backend(
+                "emotion classifier", {"emotion2vec": Emotion2vecClassifier, "audio_classifier": AudioClassifierEmotion},
+                kind, **spec)
         self.classifier = emotion_classifier
         self.neutral = _label_index(self.classifier.labels, "neutral")  # None: only targeted samples can be scored
 

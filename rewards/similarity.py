@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .audio import check_audio, to_model_rate
-from .base import RewardResult, Sample
+from .base import RewardResult, Sample, build_backend
 from .hf_audio import load_audio_model
 
 
@@ -74,10 +74,9 @@ class ResemblyzerEncoder:
 def build_speaker_encoder(kind: str, **settings: Any) -> SpeakerEncoder:
     from .ecapa_wavlm import EcapaWavLMEncoder
 
-    backends = {"xvector": XVectorEncoder, "resemblyzer": ResemblyzerEncoder, "ecapa_wavlm": EcapaWavLMEncoder}
-    if kind not in backends:
-        raise ValueError(f"unknown speaker encoder {kind!r}; choose one of {sorted(backends)}")
-    return backends[kind](**settings)
+    return build_backend("speaker encoder",
+                         {"xvector": XVectorEncoder, "resemblyzer": ResemblyzerEncoder, "ecapa_wavlm": EcapaWavLMEncoder},
+                         kind, **settings)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

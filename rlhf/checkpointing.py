@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
@@ -67,3 +68,12 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any
     if accelerator.is_main_process:
         logger.info("resumed from %s (step %d)", path, state["step"])
     return state
+
+
+def save_final(accelerator: Accelerator, model: torch.nn.Module, path: str | Path) -> None:
+    """The trained policy (or its LoRA adapter) in Hugging Face format, safetensors; under ZeRO-3 the shards are
+    gathered first (every process must call it)."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(str(path), is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              state_dict=accelerator.get_state_dict(model))

@@ -1,7 +1,8 @@
 """Trainer configuration: YAML mapped onto dataclasses, names following TRL's GRPOConfig where one exists.
 
 Unknown keys are errors with a suggestion, not silently ignored: a typo in ``epsilon_hgih`` would otherwise run a
-whole experiment with the default.
+whole experiment with the default. Every config file takes overrides in one syntax, ``section.key=value`` (the value
+read as YAML): ``vocalign train --set``, ``vocalign sft --set``, ``make-demo-tts --set`` and sweep files.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, Union
@@ -196,6 +198,36 @@ def load_yaml_list(path: str | Path) -> list[dict[str, Any]]:
     data = yaml.safe_load(path.read_text()) or []
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise ValueError(f"{path} must hold a YAML list of mappings")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` -> ``("section.key", value)``, the value read as YAML (``3`` is an int, ``[0, 1]`` a
+    list, ``null`` None)."""
+    dotted, sep, raw = item.partition("=")
+    if not sep or not dotted:
+        raise ValueError(f"override {item!r} must look like section.key=value, e.g. trainer.max_steps=10")
+    return dotted, yaml.safe_load(raw)
+
+
+def format_override(key: str, value: Any) -> str:
+    """The ``key=value`` item that :func:`parse_override` reads back as ``(key, value)`` (strings quoted where YAML
+    would read them as something else)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
+    text = text.removesuffix("...\n").strip()  # a lone scalar is dumped as a document ending in "..."
+    return f"{key}={text}"
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each dotted key in ``data`` in order, making missing sections; ``data`` is changed and returned."""
+    for dotted, value in overrides:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {dotted}: {key!r} is not a section")
+        node[leaf] = value
     return data
 
 

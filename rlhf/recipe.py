@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings
 
-from .config import GRPOConfig, from_dict, load_yaml
+from .config import GRPOConfig, apply_overrides, from_dict, load_yaml, parse_override
 from .rollout import RolloutEnv, Scorer
 from .toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
 
@@ -60,9 +59,10 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
     prompt file, or ``demo`` (the demo's GRPO prompts); ``flow_steps``; ``trust_remote_code``."""
     from vocalign.policies.checkpoints import write_tiny_checkpoint
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.rewards.scorer import RewardScorer, build_plugin
 
     from .demo_tts import DEMO_CKPT, DEMO_PROMPTS
-    from .tts_env import RewardScorer, TTSEnv, build_plugin, load_prompt_rows
+    from .tts_env import TTSEnv, load_prompt_rows
 
     known = {"ckpt", "data", "flow_steps", "trust_remote_code"}
     unknown = sorted(set(settings) - known)
@@ -98,24 +98,9 @@ Builder = Callable[[dict[str, Any], list[dict[str, Any]], GRPOConfig, dict[str, 
 ENVIRONMENTS: dict[str, Builder] = {"toy": build_toy, "glmtts": build_glmtts}
 
 
-def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``section.key=value`` pairs (value parsed as YAML) applied on top of the recipe."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like trainer.max_steps=10")
-        dotted, raw = item.split("=", 1)
-        *parents, leaf = dotted.split(".")
-        node = recipe
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {key!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    return recipe
-
-
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Run, GRPOConfig]:
-    recipe = apply_overrides(load_yaml(path), overrides)
+    """The run and trainer settings a recipe file describes, with ``section.key=value`` overrides applied."""
+    recipe = apply_overrides(load_yaml(path), map(parse_override, overrides))
     unknown = sorted(set(recipe) - {"env", "trainer", "rewards", "eval"})
     if unknown:
         raise ValueError(f"{path}: unknown top-level section(s) {unknown}; a recipe has env, trainer, rewards and eval")

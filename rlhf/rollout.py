@@ -4,6 +4,10 @@ The trainer never knows it is training a TTS model: an environment turns prompts
 (with the sampler's log-probs), and a scorer turns those into named rewards. The GLM-TTS pipeline and the toy
 environment used to test the algorithm are both just implementations of these two protocols.
 
+Everything the trainer asks of them is declared here: besides ``rollout`` and ``score``, the figures each reports
+for the step's metrics (``metrics``) and the scorer's table of samples (``sample_rows``). Those two have defaults
+(nothing to report, no table) that an implementation gets by subclassing the protocol.
+
 Samples are ordered group-major: sample ``i * G + g`` is generation ``g`` of prompt ``i``.
 """
 
@@ -23,6 +27,9 @@ class SamplingParams:
     top_p: float | None = None
     max_new_tokens: int = 256
     min_new_tokens: int = 0
+    # keep calling the model until every process is done (the sampler's ``synced_processes``): the trainer sets it
+    # under DeepSpeed ZeRO-3 with several processes, where each forward pass is a collective
+    synced_processes: bool = False
 
 
 @dataclass
@@ -106,6 +113,10 @@ class RolloutEnv(Protocol):
         self, model: torch.nn.Module, prompts: Sequence[Any], num_generations: int, sampling: SamplingParams
     ) -> Rollouts: ...
 
+    def metrics(self) -> dict[str, float]:
+        """Figures of the latest :meth:`rollout` logged with the step (e.g. ``time/speech_lm_s``); none by default."""
+        return {}
+
 
 @runtime_checkable
 class Scorer(Protocol):
@@ -114,3 +125,14 @@ class Scorer(Protocol):
     reward_names: Sequence[str]
 
     def score(self, rollouts: Rollouts) -> Mapping[str, Sequence[float | None]]: ...
+
+    def metrics(self) -> dict[str, float]:
+        """Figures of the latest :meth:`score` logged with the step (e.g. ``time/rewards_s``); none by default."""
+        return {}
+
+    def sample_rows(self, rollouts: Rollouts, n: int) -> list[dict[str, Any]]:
+        """Up to ``n`` scored samples of ``rollouts`` as rows of the tracker's completion table: ``audio`` and
+        ``sample_rate`` (logged as audio) and any text or number columns. Each row must come from the sample's own
+        results (``extras``), so that a resampled group cannot pair a sample with another's rewards. No table by
+        default."""
+        return []

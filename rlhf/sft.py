@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -25,8 +24,9 @@ from tqdm.auto import tqdm
 
 from vocalign.policies.pipeline import TTSPipeline
 from vocalign.policies.speech_lm import TTSPrompt
+from vocalign.rewards.audio import read_audio
 
-from .config import LoraSettings, from_dict, load_yaml, wrap_lora
+from .config import LoraSettings, apply_overrides, from_dict, load_yaml, wrap_lora
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def load_voice_data(path: str | Path, pipeline: TTSPipeline) -> list[tuple[list[
         if not row.get("text") or not row.get("audio"):
             raise ValueError(f"{path}:{n}: every row needs `text` and `audio`")
         wav = Path(row["audio"]) if Path(row["audio"]).is_absolute() else path.parent / row["audio"]
-        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
-        codes = pipeline.codec.tokenize(audio.mean(axis=1), rate)
+        codes = pipeline.codec.tokenize(*read_audio(wav))
         examples.append(pipeline.lm.training_example(TTSPrompt(pipeline.text_input(row["text"]), "", []), codes))
     if not examples:
         raise ValueError(f"{path} holds no examples")
@@ -131,9 +130,9 @@ def train_voice(cfg: SFTConfig) -> dict[str, Any]:
     return summary
 
 
-def load_sft_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SFTConfig:
-    data = load_yaml(path)
-    data.update(overrides or {})
+def load_sft_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SFTConfig:
+    """The SFT file with ``overrides`` (dotted keys, e.g. ``epochs`` or ``lora.r``) applied."""
+    data = apply_overrides(load_yaml(path), (overrides or {}).items())
     config = from_dict(SFTConfig, data, "sft")
     if not config.learning_rate > 0 or config.epochs < 1 or config.batch_size < 1:
         raise ValueError("learning_rate must be > 0, epochs and batch_size >= 1")

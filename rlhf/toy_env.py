@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vocalign.policies.sampling import sample
 
-from .rollout import Rollouts, SamplingParams
+from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer
 
 
 @dataclass
@@ -66,7 +66,7 @@ def toy_prompts(cfg: ToyConfig) -> list[dict[str, list[int]]]:
     return [{"prompt_ids": row.tolist()} for row in ids]
 
 
-class ToyEnv:
+class ToyEnv(RolloutEnv):
     """Rollouts of a causal LM on fixed token prompts."""
 
     def __init__(self, cfg: ToyConfig) -> None:
@@ -83,11 +83,12 @@ class ToyEnv:
             model, ids, mask, max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
             stop_token_id=self.cfg.stop_token_id, pad_token_id=self.cfg.stop_token_id,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            synced_processes=sampling.synced_processes,
         )
         return Rollouts(ids, mask, out.tokens, out.mask, out.logps, num_generations)
 
 
-class ToyScorer:
+class ToyScorer(Scorer):
     """Rewards computed from the sampled tokens alone."""
 
     reward_names = ("hits", "sim")

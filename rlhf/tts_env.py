@@ -1,9 +1,9 @@
-"""The GLM-TTS rollout environment: prompts -> G speech-token samples each -> audio -> reward plugins.
+"""The GLM-TTS rollout environment: prompts -> G speech-token samples each -> audio, with what rewards need.
 
 The speech LM samples (with the trainer's policy, temperature and length bounds), then the codec's decoder (flow
-matching and the vocoder for GLM-TTS) turns every sample into audio, all batched and kept in memory. Rewards are any
-mix of in-process plugins and reward servers behind the same interface; the scorer reports timings and server
-failures with the step's metrics.
+matching and the vocoder for GLM-TTS) turns every sample into audio, all batched and kept in memory. Each sample's
+extras hold the audio, its text, language, voice prompt and emotion, which is what
+:class:`vocalign.rewards.scorer.RewardScorer` turns into reward plugin samples.
 
 Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text``, ``language``, ``prompt_wav``
 (a path, relative to the data file), ``prompt_text`` and an optional ``emotion``.
@@ -11,7 +11,6 @@ Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text`
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -19,16 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline, VoicePrompt
-from vocalign.rewards.base import RewardPlugin, Sample, build_reward, score_all
-from vocalign.rewards.client import RemoteReward
+from vocalign.rewards.audio import check_audio_file, read_audio
 
-from .rollout import Rollouts, SamplingParams
-
-logger = logging.getLogger(__name__)
+from .rollout import RolloutEnv, Rollouts, SamplingParams
 
 REQUIRED_COLUMNS = ("text", "language", "prompt_wav", "prompt_text")
 
@@ -55,24 +50,23 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
         row["prompt_wav"] = str(wav if wav.is_absolute() else path.parent / wav)
     for wav in sorted({r["prompt_wav"] for r in rows}):  # at load, not at the first rollout
         try:
-            sf.info(wav)
-        except sf.SoundFileError as err:
-            raise ValueError(f"{path}: prompt_wav {wav} cannot be read as audio ({err})") from None
+            check_audio_file(wav)
+        except ValueError as err:
+            raise ValueError(f"{path}: prompt_wav {err}") from None
     return rows
 
 
-class TTSEnv:
+class TTSEnv(RolloutEnv):
     def __init__(self, pipeline: TTSPipeline, settings: SynthesisSettings = SynthesisSettings()) -> None:
         self.pipeline, self.settings = pipeline, settings
         self._voices: dict[tuple[str, str], VoicePrompt] = {}
         self._prompt_audio: dict[str, tuple[np.ndarray, int]] = {}
-        self.last_timings: dict[str, float] = {}
+        self._timings: dict[str, float] = {}
 
     def _voice(self, row: Mapping[str, Any]) -> tuple[VoicePrompt, np.ndarray, int]:
         path = row["prompt_wav"]
         if path not in self._prompt_audio:
-            audio, rate = sf.read(path, dtype="float32", always_2d=True)
-            self._prompt_audio[path] = (audio.mean(axis=1), rate)
+            self._prompt_audio[path] = read_audio(path)
         audio, rate = self._prompt_audio[path]
         key = (path, row["prompt_text"])
         if key not in self._voices:  # tokenising and embedding a prompt once per run is enough
@@ -83,15 +77,15 @@ class TTSEnv:
                 sampling: SamplingParams) -> Rollouts:
         settings = replace(self.settings, temperature=sampling.temperature, top_k=sampling.top_k,
                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-                           min_new_tokens=sampling.min_new_tokens)
+                           min_new_tokens=sampling.min_new_tokens, synced_processes=sampling.synced_processes)
         voices = [self._voice(row) for row in prompts]
         t0 = time.perf_counter()
         ids, mask, sampled, codes = self.pipeline.generate_codes([r["text"] for r in prompts], [v[0] for v in voices],
                                                                  num_generations, settings, model=model)
         t1 = time.perf_counter()
         per_sample = [v for v in voices for _ in range(num_generations)]
-        audio = self.pipeline.codes_to_audio(codes, [v[0] for v in per_sample], settings.flow_steps)
-        self.last_timings = {"time/speech_lm_s": t1 - t0, "time/token_to_audio_s": time.perf_counter() - t1}
+        audio = self.pipeline.codec.decode(codes, [v[0] for v in per_sample], settings.flow_steps)
+        self._timings = {"time/speech_lm_s": t1 - t0, "time/token_to_audio_s": time.perf_counter() - t1}
         rows = [r for r in prompts for _ in range(num_generations)]
         extras = [{"audio": a, "sample_rate": self.pipeline.sample_rate, "text": row["text"],
                    "language": row["language"], "prompt_audio": v[1], "prompt_sample_rate": v[2],
@@ -99,57 +93,6 @@ class TTSEnv:
         return Rollouts(ids.cpu(), mask.cpu(), sampled.tokens.cpu(), sampled.mask.cpu(), sampled.logps.cpu(),
                         num_generations, extras)
 
-
-def build_plugin(spec: Mapping[str, Any]) -> RewardPlugin:
-    """``{name: cer, ...settings}`` in-process, ``{name: sim, urls: [...], ...client settings}`` via servers, or
-    ``{name: mine, target: pkg.module:Class, ...}``."""
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if not name:
-        raise ValueError(f"a reward entry needs a name: {spec}")
-    if "urls" in spec:
-        return RemoteReward(name, spec.pop("urls"), **spec)
-    return build_reward(name, spec.pop("target", None), **spec)
-
-
-class RewardScorer:
-    """Scores rollouts whose extras describe utterances (see :class:`TTSEnv`) with reward plugins.
-
-    Each sample's results (value and info, e.g. the transcript) are stored in its extras under ``scores``, so they
-    travel with the sample when groups are resampled and replaced, and a table of samples cannot mispair them."""
-
-    def __init__(self, plugins: Sequence[RewardPlugin]) -> None:
-        if not plugins:
-            raise ValueError("no rewards configured")
-        self.plugins = list(plugins)
-        self.reward_names = [p.name for p in self.plugins]
-        self._timing = 0.0
-
-    def score(self, rollouts: Rollouts) -> dict[str, list[float]]:
-        samples = [Sample.from_mapping(e) for e in rollouts.extras]
-        t0 = time.perf_counter()
-        results = score_all(self.plugins, samples)
-        self._timing = time.perf_counter() - t0
-        for i, extra in enumerate(rollouts.extras):
-            extra["scores"] = {name: scored[i] for name, scored in results.items()}
-        return {name: [r.value for r in scored] for name, scored in results.items()}
-
-    def sample_rows(self, rollouts: Rollouts, n: int) -> list[dict[str, Any]]:
-        """The first ``n`` scored samples of ``rollouts``, for a table of audio, text, rewards and transcripts."""
-        rows = []
-        for extra in rollouts.extras[:n]:
-            row: dict[str, Any] = {"audio": extra["audio"], "sample_rate": extra["sample_rate"], "text": extra["text"]}
-            for name, result in extra.get("scores", {}).items():
-                row[name] = result.value
-                if "transcript" in result.info:
-                    row["transcript"] = result.info["transcript"]
-            rows.append(row)
-        return rows
-
     def metrics(self) -> dict[str, float]:
-        out = {"time/rewards_s": self._timing}
-        for plugin in self.plugins:
-            client = getattr(plugin, "client", None)
-            if client is not None:
-                out[f"reward_servers/{plugin.name}/failed_attempts"] = float(client.stats.failed_attempts)
-        return out
+        """Seconds the latest rollout spent in the speech LM and in turning tokens into audio."""
+        return dict(self._timings)

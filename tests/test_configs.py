@@ -3,7 +3,7 @@
 import pytest
 
 from vocalign.eval.heldout import HeldoutSettings
-from vocalign.rlhf.config import GRPOConfig, from_dict, load_yaml, load_yaml_list
+from vocalign.rlhf.config import GRPOConfig, apply_overrides, format_override, from_dict, load_yaml, load_yaml_list, parse_override
 from vocalign.rlhf.demo_tts import DemoTTSConfig, load_demo_config
 from vocalign.rlhf.sft import load_sft_config
 
@@ -40,3 +40,19 @@ def test_reward_lists_and_sft_config_parse():
 def test_demo_tts_config_writes_out_the_defaults():
     """configs/demo_tts.yaml says every setting in it is DemoTTSConfig's default: a changed default shows here."""
     assert load_demo_config(REPO / "configs" / "demo_tts.yaml") == DemoTTSConfig()
+
+
+def test_one_override_syntax_for_recipes_sft_and_sweeps():
+    """`section.key=value` with a YAML value everywhere; what a sweep writes for its runs reads back the same."""
+    assert parse_override("trainer.max_steps=10") == ("trainer.max_steps", 10)
+    assert parse_override("eval.seeds=[0, 1]") == ("eval.seeds", [0, 1])
+    assert parse_override("epochs=3") == ("epochs", 3)  # a key at the top level has no section
+    for value in ["runs/a b", "true", "1e-6", None, 0.1, [0, 1], {"sim": 0.1}, "x=y,z"]:
+        assert parse_override(format_override("trainer.k", value)) == ("trainer.k", value)
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        parse_override("trainer.max_steps")
+    recipe = apply_overrides({"trainer": {"beta": 0.0}}, [("trainer.beta", 0.1), ("trainer.resample.enabled", False)])
+    assert recipe == {"trainer": {"beta": 0.1, "resample": {"enabled": False}}}
+    with pytest.raises(ValueError, match="'beta' is not a section"):
+        apply_overrides(recipe, [("trainer.beta.x", 1)])
+    assert load_sft_config(REPO / "configs" / "lora_voice.yaml", {"epochs": 5, "lora.r": 16}).lora.r == 16

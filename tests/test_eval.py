@@ -12,8 +12,8 @@ import soundfile as sf
 from vocalign.eval.seed_tts_eval import read_list, summarize
 from vocalign.policies.checkpoints import write_tiny_checkpoint
 from vocalign.rewards.base import Sample
+from vocalign.rewards.scorer import build_plugin
 from vocalign.rewards.text_norm import error_rate
-from vocalign.rlhf.tts_env import build_plugin
 
 from .conftest import REPO
 

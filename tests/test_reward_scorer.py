@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from vocalign.rewards.base import RewardResult
+from vocalign.rewards.scorer import RewardScorer
 from vocalign.rlhf.rollout import Rollouts
-from vocalign.rlhf.tts_env import RewardScorer
 
 
 class LengthReward:

@@ -79,3 +79,16 @@ def test_dependencies_run_first_and_are_handed_over():
         dependency_order([laughter])
     with pytest.raises(ValueError, match="cycle"):
         dependency_order([Recorder("a", ("b",)), Recorder("b", ("a",))])
+
+
+def test_an_unknown_backend_kind_reads_the_same_for_every_plugin():
+    from vocalign.rewards.asr import build_asr
+    from vocalign.rewards.emotion import EmotionReward
+    from vocalign.rewards.similarity import build_speaker_encoder
+
+    with pytest.raises(ValueError, match=r"unknown ASR kind 'kaldi'; known: \['paraformer', 'pocketsphinx', 'whisper'\]"):
+        build_asr("kaldi")
+    with pytest.raises(ValueError, match=r"unknown speaker encoder kind 'ivector'; known: \['ecapa_wavlm', 'resemblyzer'"):
+        build_speaker_encoder("ivector")
+    with pytest.raises(ValueError, match=r"unknown emotion classifier kind 'svm'; known: \['audio_classifier', 'emotion2vec'\]"):
+        EmotionReward({"kind": "svm"})

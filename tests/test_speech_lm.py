@@ -79,10 +79,10 @@ def test_sampled_logps_equal_a_fresh_forward(ckpt):
 
 
 def test_works_with_a_peft_adapter(ckpt):
-    from peft import LoraConfig, get_peft_model
+    from vocalign.rlhf.config import LoraSettings, wrap_lora
 
     lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
-    adapted = get_peft_model(lm.model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    adapted = wrap_lora(lm.model, LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(2)
     _, _, out = lm.generate([TTSPrompt("你好", "嗨", [1])], num_generations=2, model=adapted, max_new_tokens=8)
     assert out.tokens.shape[0] == 2 and out.mask.sum() > 0

@@ -6,6 +6,7 @@ import torch
 from vocalign.rlhf.config import GRPOConfig, LoraSettings, from_dict
 from vocalign.rlhf.recipe import load_recipe
 from vocalign.rlhf.resampling import ResampleConfig
+from vocalign.rlhf.rollout import Scorer
 from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
 from vocalign.rlhf.trainer import GRPOTrainer
 
@@ -33,7 +34,7 @@ def test_toy_recipe_reaches_the_reward_the_readme_states(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 40
 
 
-class FlatScorerDouble:
+class FlatScorerDouble(Scorer):
     """Test double: `hits` is constant for prompt groups listed in `flat`; `sim` varies everywhere."""
 
     reward_names = ("hits", "sim")
@@ -110,3 +111,30 @@ def test_config_errors_are_clear(tmp_path):
         GRPOConfig(save_total_limit=0)
     cfg = from_dict(GRPOConfig, {"learning_rate": "1e-6", "schedule": {"epsilon": [0.2, 0.3]}})
     assert cfg.learning_rate == 1e-6 and cfg.schedule.epsilon == (0.2, 0.3)
+
+
+def test_env_and_scorer_figures_reach_the_step_metrics(tmp_path):
+    """What the protocols declare (`metrics()` of env and scorer) is logged with the step; the defaults add nothing."""
+
+    class TimedEnv(ToyEnv):
+        def metrics(self):
+            return {"time/toy_stage_s": 0.25}
+
+    class CountingScorer(ToyScorer):
+        calls = 0
+
+        def score(self, rollouts):
+            self.calls += 1
+            return super().score(rollouts)
+
+        def metrics(self):
+            return {"toy/score_calls": float(self.calls)}
+
+    toy = ToyConfig()
+    config = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=2, num_generations=4,
+                        micro_batch_size=8, max_completion_length=4, report_to="none", resample=ResampleConfig(enabled=False))
+    trainer = GRPOTrainer(build_toy_model(toy), TimedEnv(toy), CountingScorer(toy), toy_prompts(toy), config)
+    (metrics,) = trainer.train()
+    assert metrics["time/toy_stage_s"] == 0.25 and metrics["toy/score_calls"] == 1.0
+    plain = make_trainer(tmp_path / "plain", max_steps=1, prompts_per_step=2, num_generations=4)
+    assert not {k for k in plain.train()[0] if k.startswith("toy/") or k == "time/toy_stage_s"}

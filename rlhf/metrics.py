@@ -1,0 +1,152 @@
+"""What a GRPO step reports, and where it goes: ``metrics.jsonl`` and the wandb run with its completion table.
+
+Kept out of ``trainer.py`` so the loop says only *when* to log. Reward statistics are over the whole batch (every
+process's rewards are gathered before the advantages, so every process computes the same figures); ``metrics.jsonl``
+is written by the main process only, one line per logged step, and a resumed run first drops the lines of the steps
+it will redo. The reward curves are plotted from ``metrics.jsonl`` after training (``vocalign.eval.plots``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from .advantages import flat_reward_mask, normalize_per_reward
+from .config import GRPOConfig, to_dict
+from .loss import SurrogateTerms
+from .rollout import Rollouts
+
+
+def reward_metrics(rewards: torch.Tensor, advantages: torch.Tensor, still_flat: torch.Tensor,
+                   reward_names: Sequence[str], weights: Sequence[float], std_tolerance: float, eps: float
+                   ) -> dict[str, float]:
+    """Fused reward, advantage and per-reward statistics of rewards ``[P, G, K]`` and advantages ``[P, G]``: each
+    reward raw (mean, std), normalised (mean |z|) and how often it is flat within a group."""
+    fused = (rewards * torch.tensor(weights, dtype=rewards.dtype)).sum(-1)
+    flat_k = flat_reward_mask(rewards, std_tolerance)
+    metrics = {
+        "reward/mean": fused.mean().item(), "reward/std": fused.std().item() if fused.numel() > 1 else 0.0,
+        "advantage/mean": advantages.mean().item(), "advantage/std": advantages.std().item()
+        if advantages.numel() > 1 else 0.0,
+        "advantage/min": advantages.min().item(), "advantage/max": advantages.max().item(),
+        "resample/still_flat_frac": still_flat.float().mean().item(),
+    }
+    z = normalize_per_reward(rewards, std_tolerance=std_tolerance, eps=eps)
+    for k, name in enumerate(reward_names):
+        r = rewards[..., k]
+        metrics[f"rewards/{name}/mean"] = r.mean().item()
+        metrics[f"rewards/{name}/std"] = r.std().item() if r.numel() > 1 else 0.0
+        metrics[f"rewards/{name}/normalized_abs_mean"] = z[..., k].abs().mean().item()
+        metrics[f"rewards/{name}/flat_frac"] = flat_k[:, k].float().mean().item()
+    return metrics
+
+
+def batch_metrics(accelerator: Accelerator, rollouts: Rollouts, rounds: torch.Tensor, num_generations: int
+                  ) -> dict[str, float]:
+    """Completion length and resampling counts over every process's share of the batch (collective: every
+    process must call it)."""
+    device = accelerator.device
+    lengths = accelerator.gather(rollouts.completion_mask.sum(-1).float().to(device))
+    return {
+        "completion_length/mean": lengths.mean().item(),
+        "resample/groups": float(accelerator.gather(rounds.clamp(max=1).sum().to(device)).sum().item()),
+        "resample/extra_generations": float(accelerator.gather(
+            (rounds.sum() * num_generations).to(device)).sum().item()),
+    }
+
+
+class UpdateStats:
+    """Loss, clip fractions, KL and gradient norm of one step's optimizer updates, each averaged over the
+    ``num_iterations`` passes; clip fractions and KL are per token of the whole batch (all processes)."""
+
+    def __init__(self, num_iterations: int, batch_tokens: float) -> None:
+        self.num_iterations, self.batch_tokens = num_iterations, max(batch_tokens, 1.0)
+        self.totals = {"loss": 0.0, "clip/low_frac": 0.0, "clip/high_frac": 0.0, "kl": 0.0, "grad_norm": 0.0}
+
+    def add(self, loss: torch.Tensor, terms: SurrogateTerms, mask: torch.Tensor) -> None:
+        """One micro-batch: its loss and its completion tokens' clipping and KL."""
+        m, tokens, passes = mask.float(), self.batch_tokens, self.num_iterations
+        self.totals["loss"] += loss.item() / passes
+        self.totals["clip/low_frac"] += (terms.clipped_low * m).sum().item() / tokens / passes
+        self.totals["clip/high_frac"] += (terms.clipped_high * m).sum().item() / tokens / passes
+        if terms.kl is not None:
+            self.totals["kl"] += (terms.kl.detach() * m).sum().item() / tokens / passes
+
+    def add_grad_norm(self, norm: torch.Tensor | float | None) -> None:
+        if norm is not None:  # DeepSpeed clips inside its step and may not report a norm
+            self.totals["grad_norm"] += float(norm) / self.num_iterations
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        """Summed over processes (collective); loss and gradient norm are then averaged over them."""
+        reduced = accelerator.reduce(torch.tensor(list(self.totals.values()), device=accelerator.device),
+                                     reduction="sum")
+        summed = dict(zip(self.totals, reduced.tolist()))
+        summed["loss"] /= accelerator.num_processes
+        summed["grad_norm"] /= accelerator.num_processes
+        return summed
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the run's folder and, with ``report_to: wandb``, the wandb run (offline unless
+    ``WANDB_MODE`` says otherwise), whose id is kept in checkpoints so a resumed run continues the same one."""
+
+    def __init__(self, accelerator: Accelerator, config: GRPOConfig) -> None:
+        self.accelerator, self.config = accelerator, config
+        self.output_dir = Path(config.output_dir)
+        self.path = self.output_dir / "metrics.jsonl"
+
+    @property
+    def completions_wanted(self) -> int:
+        """How many samples this process should describe for the completion table (0: no table)."""
+        wandb = self.config.report_to == "wandb" and self.accelerator.is_main_process
+        return self.config.log_completions if wandb else 0
+
+    def truncate(self, step: int) -> None:
+        """Drop metric lines of steps a resumed run will redo, so the file has each step once."""
+        if not (self.accelerator.is_main_process and self.path.is_file()):
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def start(self, wandb_id: str | None) -> str | None:
+        """Make the run's folder and open the wandb run (``wandb_id``: a resumed run's); returns the run's id."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.report_to != "wandb":
+            return wandb_id
+        os.environ.setdefault("WANDB_MODE", "offline")
+        wandb_id = wandb_id or f"vocalign-{int(time.time())}"
+        self.accelerator.init_trackers(
+            self.config.wandb_project, config=to_dict(self.config),
+            init_kwargs={"wandb": {"name": self.config.run_name, "dir": str(self.output_dir), "id": wandb_id,
+                                   "resume": "allow"}})
+        return wandb_id
+
+    def write(self, step: int, metrics: dict[str, float], completions: list[dict[str, Any]]) -> None:
+        """One step's metrics (and, for wandb, the completion table of ``completions``, see
+        ``Scorer.sample_rows``)."""
+        if self.config.report_to == "wandb":
+            self.accelerator.log({**metrics, **completion_table(completions)}, step=step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def completion_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A wandb table of the rows' text and number columns, and each row's audio captioned with the same; empty
+    without rows."""
+    if not rows:
+        return {}
+    import wandb
+
+    columns = [k for k in rows[0] if k not in ("audio", "sample_rate")]
+    table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    clips = [wandb.Audio(row["audio"], sample_rate=row["sample_rate"],
+                         caption=" | ".join(f"{c}: {row.get(c)}" for c in columns)) for row in rows]
+    return {"completions": table, "completions/audio": clips}
