@@ -52,7 +52,7 @@ from vocalign.rewards.asr import PocketSphinxASR
 from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.text_norm import error_rate
 
-from .config import from_dict, load_yaml
+from .config import apply_overrides, from_dict, load_yaml
 from .sft import Example, collate, sft_step, shuffled_batches
 
 logger = logging.getLogger(__name__)
@@ -146,14 +146,7 @@ class DemoTTSConfig:
 
 
 def load_demo_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DemoTTSConfig:
-    data = load_yaml(path)
-    for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return from_dict(DemoTTSConfig, data, "demo_tts")
+    return from_dict(DemoTTSConfig, apply_overrides(load_yaml(path), (overrides or {}).items()), "demo_tts")
 
 
 # ---------------------------------------------------------------------------------------------- 1-2: speech
