@@ -16,7 +16,7 @@ from vocalign.rewards.limits import ServerLimits
 def _train(args: argparse.Namespace) -> int:
     from vocalign.eval.heldout import compare
     from vocalign.eval.plots import plot_reward_curves, read_metrics
-    from vocalign.rlhf.recipe import load_recipe, process_state
+    from vocalign.launch.recipe import load_recipe, process_state
     from vocalign.rlhf.trainer import GRPOTrainer
 
     log = logging.getLogger("vocalign")

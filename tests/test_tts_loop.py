@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from vocalign.launch.recipe import load_recipe
 from vocalign.rewards.cer import cer_to_reward
 from vocalign.rewards.text_norm import error_rate
-from vocalign.rlhf.recipe import load_recipe
 from vocalign.rlhf.trainer import GRPOTrainer
 
 from .conftest import REPO

@@ -18,10 +18,9 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings
-
-from .config import GRPOConfig, apply_overrides, from_dict, load_yaml, parse_override
-from .rollout import RolloutEnv, Scorer
-from .toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
+from vocalign.rlhf.config import GRPOConfig, apply_overrides, from_dict, load_yaml, parse_override
+from vocalign.rlhf.rollout import RolloutEnv, Scorer
+from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +59,8 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
     from vocalign.policies.checkpoints import write_tiny_checkpoint
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
     from vocalign.rewards.scorer import RewardScorer, build_plugin
-
-    from .demo_tts import DEMO_CKPT, DEMO_PROMPTS
-    from .tts_env import TTSEnv, load_prompt_rows
+    from vocalign.rlhf.demo_tts import DEMO_CKPT, DEMO_PROMPTS
+    from vocalign.rlhf.tts_env import TTSEnv, load_prompt_rows
 
     known = {"ckpt", "data", "flow_steps", "trust_remote_code"}
     unknown = sorted(set(settings) - known)
