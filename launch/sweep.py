@@ -97,7 +97,7 @@ def run_sweep(path: str | Path) -> Path:
     base = (path.parent / spec["base"]).resolve()
     out = Path(spec.get("output_dir", f"runs/sweep_{path.stem}"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    (out / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     rows, curves = [], {}
     for name, values in runs:
         run_dir = out / re.sub(r"[^A-Za-z0-9_-]+", "_", name.replace("=", "_").replace(",", "__").replace(".", "-"))

@@ -44,7 +44,7 @@ def test_demo_ablation_writes_table_with_heldout_metrics_and_plot(tmp_path):
     spec["overrides"] = ["trainer.max_steps=1", "trainer.prompts_per_step=2", "trainer.num_generations=2",
                          "trainer.report_to=none", "eval.seeds=[0]", "eval.limit=2"]
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # variants run in the order written
     out = run_sweep(path)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["run"] for r in rows] == ["full", "sum_then_normalize", "no_resampling", "fixed_clip"]
