@@ -183,7 +183,12 @@ class Corpus:
 
     def heldout_pairs(self) -> list[tuple[str, Utterance]]:
         """(target text, voice prompt) of every evaluation row, as ``heldout.jsonl`` pairs them."""
-        return [(text, self.heldout_prompts[i % len(self.heldout_prompts)]) for i, text in enumerate(self.heldout_texts)]
+        return paired(self.heldout_texts, self.heldout_prompts)
+
+
+def paired(texts: list[str], prompts: list[Utterance]) -> list[tuple[str, Utterance]]:
+    """Each target text with a voice prompt, the voices taken in turn."""
+    return [(text, prompts[i % len(prompts)]) for i, text in enumerate(texts)]
 
 
 def make_corpus(cfg: DemoTTSConfig) -> Corpus:
@@ -317,14 +322,11 @@ def write_prompts(folder: Path, corpus: Corpus, sample_rate: int) -> dict[str, P
     files = {}
     for name, prompts, targets in (("train", list(first_of_voice.values()), corpus.rl_texts),
                                    ("heldout", corpus.heldout_prompts, corpus.heldout_texts)):
-        rows = []
+        wavs = {prompt.voice: f"voices/{prompt.voice.replace('+', '_')}.flac" for prompt in prompts}
         for prompt in prompts:
-            wav = Path("voices") / f"{prompt.voice.replace('+', '_')}.flac"
-            sf.write(folder / wav, prompt.audio, sample_rate, subtype="PCM_16")
-        for i, target in enumerate(targets):
-            prompt = prompts[i % len(prompts)]  # as Corpus.heldout_pairs
-            rows.append({"text": target, "language": "en", "prompt_text": prompt.text, "voice": prompt.voice,
-                         "prompt_wav": f"voices/{prompt.voice.replace('+', '_')}.flac"})
+            sf.write(folder / wavs[prompt.voice], prompt.audio, sample_rate, subtype="PCM_16")
+        rows = [{"text": target, "language": "en", "prompt_text": prompt.text, "voice": prompt.voice,
+                 "prompt_wav": wavs[prompt.voice]} for target, prompt in paired(targets, prompts)]
         files[name] = folder / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return files
