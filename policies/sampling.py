@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import DynamicCache
+
+from .decoding import make_decoder, resolve_decoding
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,30 @@ def _any_process_running(running: bool, device: torch.device, synced: bool) -> b
     return flag.item() > 0
 
 
+def _draw(logits: torch.Tensor, temperature: float, min_len: torch.Tensor, t: int, stop_token_id: int | None,
+          top_k: int | None, top_p: float | None, allowed_tokens: torch.Tensor | None,
+          ras: RepetitionAwareSampling | None, recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-prob under ``softmax(logits / T)``, with no host synchronisation (RAS's
+    fallback is drawn for every row and used where a loop is detected, rather than asking the device whether any
+    row loops)."""
+    logits = logits.float() / temperature
+    full_logp = logits.log_softmax(-1)
+    drawable = logits
+    if allowed_tokens is not None:
+        drawable = drawable.masked_fill(~allowed_tokens, float("-inf"))
+    if stop_token_id is not None:
+        too_short = (t < min_len).unsqueeze(-1)
+        stop_column = torch.zeros_like(drawable, dtype=torch.bool)
+        stop_column[:, stop_token_id] = True
+        drawable = drawable.masked_fill(too_short & stop_column, float("-inf"))
+    token = torch.multinomial(filter_logits(drawable, top_k, top_p).softmax(-1), 1).squeeze(-1)
+    if ras is not None:
+        loop = (recent == token.unsqueeze(-1)).sum(-1) >= ras.window * ras.tau
+        fallback = torch.multinomial(drawable.softmax(-1), 1).squeeze(-1)
+        token = torch.where(loop, fallback, token)
+    return token, full_logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -90,13 +115,18 @@ def sample(
     allowed_tokens: torch.Tensor | None = None,
     ras: RepetitionAwareSampling | None = None,
     synced_processes: bool = False,
+    decoding: str = "auto",
+    compact_finished: bool | None = None,
 ) -> Sampled:
     """Sample continuations of left-padded prompts.
 
     ``allowed_tokens`` is an optional ``[V]`` bool mask of what may be drawn (the released GLM-TTS draws from the
     whole vocabulary; :class:`~vocalign.policies.speech_lm.SpeechLM` can restrict it to speech tokens and the stop
     token). ``synced_processes`` keeps every process stepping until all are done, which DeepSpeed ZeRO-3 needs
-    because each forward gathers parameters collectively.
+    because each forward gathers parameters collectively. ``decoding`` picks the KV cache and step
+    (:mod:`vocalign.policies.decoding`; ``auto``: CUDA graphs on CUDA, else the dynamic cache).
+    ``compact_finished`` drops finished rows from the batch once at most half of it is still decoding (default: with
+    the static cache); rows then draw from a smaller batch, so their random numbers differ from an uncompacted run.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -106,52 +136,46 @@ def sample(
     if (min_len > max_len).any():
         raise ValueError("min_new_tokens exceeds max_new_tokens for some rows")
     steps = int(max_len.max().item()) if n else 0
+    decoding = resolve_decoding(decoding, model, device, synced_processes)
+    compact = decoding != "dynamic" if compact_finished is None else compact_finished
+    # asking the device whether rows are left is a host synchronisation; on CUDA it is done every few tokens
+    check_every = 8 if device.type == "cuda" and not synced_processes else 1
+    if allowed_tokens is not None:
+        allowed_tokens = allowed_tokens.to(device)
 
-    attention = prompt_mask.long()
-    position = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=getattr(model, "config", None))
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=position,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    next_position = position[:, -1:] + 1
-
+    decoder = make_decoder(decoding, model, steps)
+    logits = decoder.prefill(prompt_ids, prompt_mask) if steps or synced_processes else None
+    rows = torch.arange(n, device=device)  # the rows the decoder still runs, in its order
     tokens, logps, masks = [], [], []
     finished = max_len <= 0
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     for t in itertools.count():
         if t >= steps and not synced_processes:
             break
-        logits = out.logits[:, -1, :].float() / temperature
-        full_logp = logits.log_softmax(-1)
-        drawable = logits
-        if allowed_tokens is not None:
-            drawable = drawable.masked_fill(~allowed_tokens.to(device), float("-inf"))
+        window = ras.window if ras is not None else 0
+        recent = torch.stack(tokens[-window:], dim=1)[rows] if tokens and window else rows.new_empty(len(rows), 0)
+        token, logp = _draw(logits, temperature, min_len[rows], t, stop_token_id, top_k, top_p, allowed_tokens,
+                            ras, recent)
+        done = finished[rows]
+        token = torch.where(done, pad_token_id, token)
+        tokens.append(torch.full((n,), pad_token_id, dtype=torch.long, device=device).index_copy(0, rows, token))
+        logps.append(torch.zeros(n, device=device).index_copy(0, rows, torch.where(done, 0.0, logp)))
+        masks.append(torch.zeros(n, dtype=torch.long, device=device).index_copy(0, rows, (~done).long()))
         if stop_token_id is not None:
-            too_short = (t < min_len).unsqueeze(-1)
-            stop_column = torch.zeros_like(drawable, dtype=torch.bool)
-            stop_column[:, stop_token_id] = True
-            drawable = drawable.masked_fill(too_short & stop_column, float("-inf"))
-        probs = filter_logits(drawable, top_k, top_p).softmax(-1)
-        token = torch.multinomial(probs, 1).squeeze(-1)
-        if ras is not None:
-            recent = torch.stack(tokens[-ras.window:], dim=1) if tokens else token.new_empty(n, 0)
-            repeats = (recent == token.unsqueeze(-1)).sum(-1)
-            loop = repeats >= ras.window * ras.tau
-            if loop.any():
-                fallback = torch.multinomial(drawable.softmax(-1), 1).squeeze(-1)
-                token = torch.where(loop, fallback, token)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        tokens.append(token)
-        logps.append(torch.where(finished, 0.0, full_logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)))
-        masks.append((~finished).long())
-        if stop_token_id is not None:
-            stopped |= ~finished & (token == stop_token_id)
-        finished = finished | stopped | (t + 1 >= max_len)
-        if not _any_process_running(not bool(finished.all()), device, synced_processes):
+            stopped[rows] |= ~done & (token == stop_token_id)
+        finished[rows] = done | stopped[rows] | (t + 1 >= max_len[rows])
+        if t + 1 >= steps and not synced_processes:
             break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention, position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True)
-        next_position = next_position + 1
+        if t % check_every == check_every - 1:
+            running = ~finished[rows]
+            left = int(running.sum().item())
+            if not _any_process_running(left > 0, device, synced_processes):
+                break
+            if compact and 0 < left <= len(rows) // 2:
+                kept = running.nonzero().squeeze(-1)
+                decoder.keep(kept)
+                rows, token = rows[kept], token[kept]
+        logits = decoder.step(token)
 
     if not tokens:
         empty = torch.zeros(n, 0, dtype=torch.long, device=device)

@@ -186,3 +186,16 @@ class HiFT(nn.Module):
         f0 = F.interpolate(f0[:, None], scale_factor=self.cfg.samples_per_frame, mode="nearest").transpose(1, 2)
         source = self.m_source(f0).transpose(1, 2)
         return self._decode(mel, source)
+
+    def batch(self, mels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Audio of mels of different lengths (``[80, frames]`` each) in one batched call: padded with the quietest
+        frame of the batch, each row cut back to ``frames * 480`` samples."""
+        if not mels:
+            return []
+        frames = [mel.shape[-1] for mel in mels]
+        silence = min(float(mel.min()) for mel in mels)
+        padded = torch.full((len(mels), mels[0].shape[0], max(frames)), silence, device=mels[0].device)
+        for row, mel in enumerate(mels):
+            padded[row, :, :mel.shape[-1]] = mel
+        audio = self(padded)
+        return [audio[row, :n * self.cfg.samples_per_frame] for row, n in enumerate(frames)]

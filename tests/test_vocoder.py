@@ -75,3 +75,17 @@ def test_vocos2d_torchscript_loader_feeds_offset_time_major_mel(tmp_path):
     mel = torch.zeros(1, 80, 5)
     torch.testing.assert_close(vocoder(mel), torch.full((1, 5), MEL_LOGDIFF))
     assert vocoder(torch.zeros(1, 80, 1)).shape == (1, 2)
+
+
+def test_batched_vocoding_matches_one_at_a_time_but_for_the_padded_tail():
+    # without excitation noise (nsf_alpha = nsf_sigma = 0) HiFT is deterministic, so rows can be compared
+    torch.manual_seed(0)
+    hift = HiFT(HiFTConfig(base_channels=32, f0_channels=16, nsf_alpha=0.0, nsf_sigma=0.0)).eval()
+    mels = [torch.randn(80, n) - 5 for n in (40, 25, 33)]
+    batched = hift.batch(mels)
+    assert [len(a) for a in batched] == [n * 480 for n in (40, 25, 33)]
+    tail = 10 * 480  # the vocoder's receptive field reaches about 8 frames (0.17 s) back from the padding
+    for mel, audio in zip(mels, batched):
+        alone = hift(mel[None])[0]
+        torch.testing.assert_close(audio[:-tail], alone[:-tail], atol=1e-5, rtol=1e-4)
+    assert hift.batch([]) == []
