@@ -180,6 +180,10 @@ def _wetext() -> tuple[Callable[[str], str], Callable[[str], str]]:
         from tn.english.normalizer import Normalizer as EnglishNormalizer
     except ImportError as err:
         raise ImportError("text normalisation needs WeTextProcessing (and pynini): pip install 'vocalign[tts]'") from err
+    # WeTextProcessing gives its loggers their own handler, so each of its INFO lines ("found existing fst ...")
+    # printed twice beside ours; its warnings still come through
+    for name in ("wetext-zh_normalizer", "wetext-en_normalizer"):
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     options = {"remove_erhua": False, "full_to_half": True, "remove_interjections": False, "traditional_to_simple": True}
     cache = _cache_root() / f"wetextprocessing-{_wetext_version()}-zh-tn"
     if not (cache / "zh_tn_tagger.fst").is_file():
