@@ -104,3 +104,22 @@ def test_decoding_choice_and_its_errors(model):
             run(model, "static")
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_decoding_matches_eager_on_cuda():
+    model = build_toy_model(ToyConfig(seed=3)).cuda().eval()
+    ids, mask, max_len, min_len = (t.cuda() for t in prompts())
+    runs = {}
+    for decoding, compact in (("dynamic", False), ("graph", False), ("graph", True)):
+        torch.manual_seed(1)
+        runs[decoding, compact] = sample(model, ids, mask, max_new_tokens=max_len, min_new_tokens=min_len,
+                                         stop_token_id=STOP, pad_token_id=PAD, temperature=3.0, decoding=decoding,
+                                         compact_finished=compact)
+    eager, graphed = runs["dynamic", False], runs["graph", False]
+    assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.mask, eager.mask)
+    torch.testing.assert_close(graphed.logps, eager.logps, atol=1e-4, rtol=1e-4)
+    compacted = runs["graph", True]  # other random numbers once rows drop out, same bounds and log-probs
+    fresh = completion_logps(model, torch.cat([ids, compacted.tokens], 1), torch.cat([mask, compacted.mask], 1),
+                             compacted.tokens.shape[1], 3.0)
+    torch.testing.assert_close(fresh * compacted.mask, compacted.logps, atol=1e-4, rtol=1e-4)
