@@ -29,7 +29,15 @@ from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    WavLMConfig,
+    WavLMForXVector,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
 
 from vocalign.policies.codec import FlowCondition, GLMTTSCodec, VoicePrompt
 from vocalign.policies.flow import FlowConfig, FlowMatching
@@ -57,7 +65,9 @@ class Sizes:
     prompt_codes: int
     rows: int  # of the update
     micro_batch: int
-    tiny_rewards: bool = False
+    whisper: WhisperConfig  # CER's ASR
+    asr_tokens: int  # tokens Whisper generates per utterance
+    wavlm: WavLMConfig  # SIM's speaker encoder
 
 
 def sizes(args: argparse.Namespace) -> Sizes:
@@ -69,11 +79,20 @@ def sizes(args: argparse.Namespace) -> Sizes:
                      FlowConfig(vocab_size=512, speech_token_dim=32, trans_dim=64, depth=2, heads=2, dim_head=32,
                                 conv_layers=2),
                      HiFTConfig(base_channels=32, f0_channels=16), 2, 25, 25, 4, args.micro_batch or 2,
-                     tiny_rewards=True)
+                     WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                   num_mel_bins=128, vocab_size=512, max_target_positions=64, pad_token_id=1,
+                                   bos_token_id=2, eos_token_id=3, decoder_start_token_id=2), 8,
+                     WavLMConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 conv_dim=(32,) * 7, tdnn_dim=(32, 32, 32, 32, 64)))
     return Sizes(LlamaConfig(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=4,
                              intermediate_size=6144, vocab_size=98304, **no_stop),
                  args.batches or [64, 128], 150, args.new_tokens or 500, FlowConfig(), HiFTConfig(), 64, 250, 75, 64,
-                 args.micro_batch or 8)
+                 args.micro_batch or 8,
+                 WhisperConfig(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
+                               decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
+                               num_mel_bins=128, vocab_size=51866), 128,  # large-v3
+                 WavLMConfig())  # base-plus-sv
 
 
 def build_lm(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -179,24 +198,9 @@ def bench_token_to_audio(s: Sizes, device: torch.device) -> float:
 def bench_rewards(s: Sizes, device: torch.device, dtype: torch.dtype) -> float:
     """CER's ASR (Whisper large-v3 sizes, greedy, up to 128 tokens: random weights rarely stop, so this is the
     worst case) and SIM's speaker encoder (WavLM-base-plus-sv sizes) on the batch's audio and its voice prompts."""
-    from transformers import WavLMConfig, WavLMForXVector, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    if s.tiny_rewards:
-        whisper = WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=128,
-                                vocab_size=512, max_target_positions=64, pad_token_id=1, bos_token_id=2,
-                                eos_token_id=3, decoder_start_token_id=2)
-        wavlm = WavLMConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                            conv_dim=(32,) * 7, tdnn_dim=(32, 32, 32, 32, 64))
-        new_tokens = 8
-    else:
-        whisper = WhisperConfig(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
-                                decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
-                                num_mel_bins=128, vocab_size=51866)
-        wavlm, new_tokens = WavLMConfig(), 128
     with torch.device(device):
-        asr = WhisperForConditionalGeneration(whisper).to(dtype).eval()
-        speaker = WavLMForXVector(wavlm).to(dtype).eval()
+        asr = WhisperForConditionalGeneration(s.whisper).to(dtype).eval()
+        speaker = WavLMForXVector(s.wavlm).to(dtype).eval()
     audio = torch.randn(s.utterances, s.codes * 640) * 0.1  # 16 kHz
     prompts = torch.randn(s.utterances, s.prompt_codes * 640) * 0.1
     features = WhisperFeatureExtractor(feature_size=128)(list(audio.numpy()), sampling_rate=16000, return_tensors="pt")
@@ -205,14 +209,15 @@ def bench_rewards(s: Sizes, device: torch.device, dtype: torch.dtype) -> float:
 
     @torch.no_grad()
     def score() -> None:
-        asr.generate(features, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        asr.generate(features, max_new_tokens=s.asr_tokens, min_new_tokens=s.asr_tokens, do_sample=False)
         speaker(audio)
         speaker(prompts)
 
     score()  # warm-up
     seconds, _ = timed(score, device)
-    print(f"rewards: Whisper {'tiny' if s.tiny_rewards else 'large-v3'} sizes on {s.utterances} x "
-          f"{s.codes / 25:g} s ({new_tokens} tokens each) + WavLM x-vectors of outputs and prompts: {seconds:.2f} s")
+    print(f"rewards: Whisper (d_model {s.whisper.d_model}, {s.whisper.encoder_layers}+{s.whisper.decoder_layers} layers) "
+          f"on {s.utterances} x {s.codes / 25:g} s ({s.asr_tokens} tokens each) + WavLM x-vectors (hidden "
+          f"{s.wavlm.hidden_size}) of outputs and prompts: {seconds:.2f} s")
     return seconds
 
 

@@ -26,6 +26,12 @@ DECODINGS = ("auto", "dynamic", "static", "graph")
 _MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (padding gets 0 too). The sampler and the
+    trainer's log-prob pass must agree on them, or the PPO ratio would not start at 1."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class Decoder(Protocol):
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the left-padded prompts; logits ``[N, V]`` of the first new token."""
@@ -43,7 +49,7 @@ class DynamicDecoder:
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.attention = mask.long()
-        position = (self.attention.cumsum(-1) - 1).clamp(min=0)
+        position = left_padded_positions(mask)
         out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=position,
                          past_key_values=DynamicCache(config=getattr(self.model, "config", None)), use_cache=True,
                          logits_to_keep=1)
@@ -89,7 +95,7 @@ class StaticDecoder:
         seen |= (keys[None] == queries[:, None])[None]
         prefill_mask = torch.zeros(n, 1, self.width, length, dtype=self.dtype, device=ids.device)
         prefill_mask.masked_fill_(~seen[:, None], blocked)
-        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        position = left_padded_positions(mask)
         out = self.model(input_ids=ids, attention_mask=prefill_mask, position_ids=position,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         # the buffers every step reads; updated in place so that a captured graph keeps reading them

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from trl.trainer.utils import selective_log_softmax
 
+from vocalign.policies.decoding import left_padded_positions
+
 LossType = Literal["token_mean", "seq_mean", "dr_grpo"]
 # TRL's names for the same aggregations, accepted so that TRL configs carry over.
 LOSS_TYPE_ALIASES = {"dapo": "token_mean", "grpo": "seq_mean", "token_mean": "token_mean",
@@ -40,9 +42,8 @@ def completion_logps(
     truncation, as in TRL), so the ratio to the sampler's log-probs starts at exactly 1. Only the completion's logits
     are materialised: with the real 98304-token vocabulary the full ``[B, L, V]`` tensor would dominate memory.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
         logits_to_keep=logits_to_keep + 1, use_cache=False,
     ).logits
     logits = logits[:, :-1, :]  # position t predicts token t + 1
