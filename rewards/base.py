@@ -17,6 +17,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -162,15 +163,26 @@ def dependency_order(plugins: Sequence[RewardPlugin]) -> list[RewardPlugin]:
 
 
 def score_all(plugins: Sequence[RewardPlugin], samples: Sequence[Sample]) -> dict[str, list[RewardResult]]:
-    """Score with every plugin in dependency order, handing each the results it requires."""
-    results: dict[str, list[RewardResult]] = {}
-    for plugin in dependency_order(plugins):
-        needs = plugin_requires(plugin)
-        if needs:
-            out = plugin.score(samples, upstream={n: results[n] for n in needs})  # type: ignore[call-arg]
-        else:
-            out = plugin.score(samples)
-        if len(out) != len(samples):
-            raise RuntimeError(f"reward {plugin.name!r} returned {len(out)} results for {len(samples)} samples")
-        results[plugin.name] = list(out)
-    return results
+    """Score with every plugin, each in its own thread as soon as what it ``requires`` is scored.
+
+    Rewards are independent models (an ASR, a speaker encoder, servers behind HTTP), and most of their time is spent
+    outside the interpreter (in torch, in worker processes, waiting on a server), so running them side by side
+    takes about as long as the slowest one, not the sum. A plugin's error is raised here, as it would be in turn."""
+    ordered = dependency_order(plugins)  # what a plugin requires is submitted before it
+    with ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="reward") as pool:
+        futures: dict[str, Future[list[RewardResult]]] = {}
+        for plugin in ordered:
+            upstream = {name: futures[name] for name in plugin_requires(plugin)}
+            futures[plugin.name] = pool.submit(_score_one, plugin, samples, upstream)
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _score_one(plugin: RewardPlugin, samples: Sequence[Sample],
+               upstream: Mapping[str, Future[list[RewardResult]]]) -> list[RewardResult]:
+    if upstream:  # one thread per plugin, and upstream ones were submitted first: waiting here cannot deadlock
+        out = plugin.score(samples, upstream={n: f.result() for n, f in upstream.items()})  # type: ignore[call-arg]
+    else:
+        out = plugin.score(samples)
+    if len(out) != len(samples):
+        raise RuntimeError(f"reward {plugin.name!r} returned {len(out)} results for {len(samples)} samples")
+    return list(out)

@@ -49,8 +49,8 @@ from vocalign.policies.frontend.tokenizer import build_word_tokenizer
 from vocalign.policies.mel_units import MelUnits, MelUnitsConfig
 from vocalign.policies.pipeline import MEL_UNITS_DIR
 from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
-from vocalign.rewards.asr import PocketSphinxASR
 from vocalign.rewards.audio import to_model_rate
+from vocalign.rewards.pocketsphinx_asr import PocketSphinxASR
 from vocalign.rewards.text_norm import error_rate
 
 from .config import apply_overrides, from_dict, load_yaml

@@ -2,17 +2,20 @@
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from vocalign.rewards.asr import ParaformerASR, PocketSphinxASR, WhisperASR
+from vocalign.rewards.asr import ParaformerASR, WhisperASR
 from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
 from vocalign.rewards.cer import CERReward, cer_to_reward
 from vocalign.rewards.funasr_loader import build_funasr
+from vocalign.rewards.pocketsphinx_asr import PocketSphinxASR
 from vocalign.rewards.text_norm import error_rate, normalize
 
 from .speech import needs_espeak, speak
@@ -192,6 +195,20 @@ def test_pocketsphinx_restricted_to_a_vocabulary_is_a_sharp_judge_of_digit_strin
 
 
 @needs_espeak
+def test_pocketsphinx_workers_give_the_same_transcripts_and_survive_a_killed_worker(caplog):
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(DIGITS, 3)) for _ in range(6)]
+    audios = [to_model_rate(*speak(t, "en-us+klatt", 150)) for t in texts]
+    in_process = PocketSphinxASR(vocabulary=DIGITS).transcribe(audios)
+    pooled = PocketSphinxASR(vocabulary=DIGITS, workers=2)
+    assert pooled.transcribe(audios) == in_process
+    for pid in list(pooled._pool._processes):  # what the kernel's OOM killer would do
+        os.kill(pid, signal.SIGKILL)
+    assert pooled.transcribe(audios) == in_process  # started afresh, nothing lost
+    assert "worker process died" in caplog.text
+
+
+@needs_espeak
 def test_pocketsphinx_reads_a_jsgf_grammar_file(tmp_path):
     grammar = tmp_path / "commands.gram"
     grammar.write_text("#JSGF V1.0;\ngrammar commands;\npublic <command> = turn left | turn right | stop now ;\n")
@@ -211,3 +228,5 @@ def test_pocketsphinx_grammar_settings_are_checked(tmp_path):
         PocketSphinxASR(vocabulary=["zero"], decoder_options={"beem": 1e-30})
     with pytest.raises(ValueError, match="cannot set samprate"):
         PocketSphinxASR(decoder_options={"samprate": 8000})
+    with pytest.raises(ValueError, match="workers must be a whole number >= 1"):
+        PocketSphinxASR(workers=0)

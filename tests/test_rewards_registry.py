@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -79,6 +80,33 @@ def test_dependencies_run_first_and_are_handed_over():
         dependency_order([laughter])
     with pytest.raises(ValueError, match="cycle"):
         dependency_order([Recorder("a", ("b",)), Recorder("b", ("a",))])
+
+
+class MeetsTheOther:
+    """Test double: scores only once the other plugin is scoring at the same time (a barrier of two)."""
+
+    def __init__(self, name, barrier):
+        self.name, self.barrier = name, barrier
+
+    def score(self, samples):
+        self.barrier.wait(timeout=10)  # raises BrokenBarrierError if the plugins ran one after the other
+        return [RewardResult(0.5) for _ in samples]
+
+
+class ReturnsTooFew:
+    name = "short"
+
+    def score(self, samples):
+        return []
+
+
+def test_independent_rewards_score_side_by_side_and_errors_still_surface():
+    barrier = threading.Barrier(2)
+    samples = [Sample(np.zeros(10, np.float32), 16000, "", "en")] * 3
+    results = score_all([MeetsTheOther("cer", barrier), MeetsTheOther("sim", barrier)], samples)
+    assert {name: [r.value for r in out] for name, out in results.items()} == {"cer": [0.5] * 3, "sim": [0.5] * 3}
+    with pytest.raises(RuntimeError, match="reward 'short' returned 0 results for 3 samples"):
+        score_all([Recorder("cer"), ReturnsTooFew()], samples)
 
 
 def test_an_unknown_backend_kind_reads_the_same_for_every_plugin():
