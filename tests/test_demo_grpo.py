@@ -11,7 +11,7 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-SHORTENED = {"trainer.max_steps": 30, "trainer.save_steps": 1000, "trainer.report_to": "none", "eval.limit": 64}
+SHORTENED = {"trainer.max_steps": 27, "trainer.save_steps": 1000, "trainer.report_to": "none", "eval.limit": 64}
 
 
 def test_grpo_lowers_held_out_word_error_rate_beyond_seed_noise(tmp_path):
