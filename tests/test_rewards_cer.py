@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from vocalign.policies.mel_units import MelUnits
 from vocalign.rewards.asr import ParaformerASR, WhisperASR
 from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
@@ -18,6 +19,7 @@ from vocalign.rewards.funasr_loader import build_funasr
 from vocalign.rewards.pocketsphinx_asr import PocketSphinxASR
 from vocalign.rewards.text_norm import error_rate, normalize
 
+from .conftest import REPO
 from .speech import needs_espeak, speak
 
 
@@ -192,6 +194,20 @@ def test_pocketsphinx_restricted_to_a_vocabulary_is_a_sharp_judge_of_digit_strin
     wer_general = np.mean([error_rate(t, h, "en") for t, h in zip(texts, general)])
     assert all(set(h.split()) <= set(DIGITS) for h in restricted)
     assert wer_restricted < 0.2 and wer_general > wer_restricted + 0.3, (wer_restricted, wer_general)
+
+
+@needs_espeak
+def test_a_pocketsphinx_transcript_depends_on_its_audio_only_not_on_what_was_decoded_before():
+    # Griffin-Lim speech (the demo's codec), where a decoder that carried state across utterances transcribed
+    # 3 of these 40 clips differently in reverse order
+    units = MelUnits.load(REPO / "policies" / "demo" / "ckpt" / "mel_units")
+    rng = np.random.default_rng(0)
+    voices = ["en-us+klatt", "en-us+f4", "en-us+m5", "en-us+david"]
+    texts = [" ".join(rng.choice(DIGITS, 4)) for _ in range(40)]
+    audios = [units.decode(units.encode(to_model_rate(*speak(t, voices[i % 4], 150)))) for i, t in enumerate(texts)]
+    asr = PocketSphinxASR(vocabulary=DIGITS, decoder_options={"beam": 1e-30, "wbeam": 1e-20})
+    forward = asr.transcribe(audios)
+    assert asr.transcribe(audios[::-1])[::-1] == forward
 
 
 @needs_espeak
