@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 from vocalign.policies.checkpoints import TinySizes, write_tiny_checkpoint
+from vocalign.policies.sampling import RELEASED_SAMPLING
 from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
 
 TEXTS = ["今天天气很好，我们去公园散步吧。", "The quick brown fox jumps over the lazy dog.",
@@ -36,17 +38,17 @@ def main() -> None:
         ckpt = write_tiny_checkpoint(tmp, TinySizes(num_codes=1024, hidden=args.hidden, layers=args.layers, heads=8))
         lm = SpeechLM.from_pretrained(ckpt, num_codes=1024)
     prompts = [TTSPrompt(TEXTS[i % len(TEXTS)], "参考音频的文本", list(range(i, i + 50))) for i in range(args.prompts)]
-    settings = dict(temperature=1.0, top_k=25, top_p=0.8, max_new_tokens=args.max_new_tokens)
+    sampling = replace(RELEASED_SAMPLING, max_new_tokens=args.max_new_tokens)
 
     def batched() -> int:
-        return int(lm.generate(prompts, args.generations, **settings)[2].mask.sum())
+        return int(lm.generate(prompts, args.generations, sampling=sampling)[2].mask.sum())
 
     def one_by_one() -> int:
-        return sum(int(lm.generate([p], 1, **settings)[2].mask.sum())
+        return sum(int(lm.generate([p], 1, sampling=sampling)[2].mask.sum())
                    for p in prompts for _ in range(args.generations))
 
     torch.manual_seed(0)
-    lm.generate(prompts[:1], 1, **settings)  # warm-up
+    lm.generate(prompts[:1], 1, sampling=sampling)  # warm-up
     torch.manual_seed(1)
     t_batch, n_batch = timed(batched)
     torch.manual_seed(1)

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from vocalign.policies.sampling import RELEASED_SAMPLING, SamplingParams
 from vocalign.rewards.audio import write_audio
 from vocalign.rewards.base import RewardPlugin, Sample, score_all
-from vocalign.rlhf.rollout import RolloutEnv, SamplingParams
+from vocalign.rlhf.rollout import RolloutEnv
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ class HeldoutSettings:
     limit: int | None = None  # evaluate the first `limit` rows only (quick checks)
     batch_size: int = 32
     save_wavs: int = 3  # utterances whose audio is written for each policy (first seed)
-    temperature: float = 1.0  # sampling as GLM-TTS synthesises, whatever the training schedule was
-    top_k: int | None = 25
-    top_p: float | None = 0.8
+    temperature: float = RELEASED_SAMPLING.temperature  # sampling as GLM-TTS synthesises, whatever the training
+    top_k: int | None = RELEASED_SAMPLING.top_k  # schedule was
+    top_p: float | None = RELEASED_SAMPLING.top_p
     max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
@@ -53,7 +54,8 @@ class HeldoutSettings:
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens)
 
 
 @dataclass

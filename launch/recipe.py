@@ -57,7 +57,7 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
     ``tiny`` (a random tiny one in the published layout, written under output_dir); ``data``: a JSON-lines/parquet
     prompt file, or ``demo`` (the demo's GRPO prompts); ``flow_steps``; ``trust_remote_code``."""
     from vocalign.policies.checkpoints import write_tiny_checkpoint
-    from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+    from vocalign.policies.pipeline import TTSPipeline
     from vocalign.rewards.scorer import RewardScorer, build_plugin
     from vocalign.rlhf.demo_tts import DEMO_CKPT, DEMO_PROMPTS
     from vocalign.rlhf.tts_env import TTSEnv, load_prompt_rows
@@ -81,7 +81,7 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
     data = DEMO_PROMPTS / "train.jsonl" if settings["data"] == "demo" else Path(settings["data"])
     pipeline = TTSPipeline.from_pretrained(ckpt, trust_remote_code=bool(settings.get("trust_remote_code", False)),
                                            device=str(state.device))
-    env = TTSEnv(pipeline, SynthesisSettings(flow_steps=int(settings.get("flow_steps", 10))))
+    env = TTSEnv(pipeline, flow_steps=int(settings.get("flow_steps", 10)))
     scorer = RewardScorer([build_plugin(spec) for spec in rewards])
     evaluation = None
     if heldout is not None:

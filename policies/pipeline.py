@@ -21,6 +21,7 @@ from .codec import GLMTTSCodec, MelUnitCodec, SpeechCodec, StreamingCodec, Voice
 from .frontend.g2p import PhonemeFrontend
 from .frontend.text import normalize_text, split_text
 from .long_text import Turn, chunk_prompt
+from .sampling import RELEASED_SAMPLING, SamplingParams
 from .speech_lm import SpeechLM, TTSPrompt
 
 MEL_UNITS_DIR = "mel_units"
@@ -29,14 +30,12 @@ __all__ = ["SynthesisSettings", "TTSPipeline", "VoicePrompt", "load_codec"]
 
 
 @dataclass(frozen=True)
-class SynthesisSettings:
-    temperature: float = 1.0
-    top_k: int | None = 25
-    top_p: float | None = 0.8
+class SynthesisSettings(SamplingParams):
+    """Sampling as GLM-TTS synthesises by default, plus the flow's ODE steps."""
+
+    top_k: int | None = RELEASED_SAMPLING.top_k
+    top_p: float | None = RELEASED_SAMPLING.top_p
     flow_steps: int = 10
-    max_new_tokens: int | None = None
-    min_new_tokens: int = 0  # on top of the speech LM's own bound (twice the text's tokens)
-    synced_processes: bool = False  # sample until every process is done (GRPO under ZeRO-3, several processes)
 
 
 def load_codec(ckpt: str | Path, device: str = "cpu") -> SpeechCodec:
@@ -87,18 +86,14 @@ class TTSPipeline:
 
     # ------------------------------------------------------------------ stages
     def generate_codes(self, texts: Sequence[str], prompts: Sequence[VoicePrompt], num_generations: int = 1,
-                       settings: SynthesisSettings = SynthesisSettings(), model: torch.nn.Module | None = None):
+                       sampling: SamplingParams = RELEASED_SAMPLING, model: torch.nn.Module | None = None):
         """Speech LM stage for a batch; returns ``(prompt_ids, prompt_mask, sampled, codes)``."""
         requests = [TTSPrompt(self.text_input(t), p.text, p.codes) for t, p in zip(texts, prompts, strict=True)]
-        return self._generate(requests, num_generations, settings, model)
+        return self._generate(requests, num_generations, sampling, model)
 
-    def _generate(self, requests: Sequence[TTSPrompt], num_generations: int, settings: SynthesisSettings,
+    def _generate(self, requests: Sequence[TTSPrompt], num_generations: int, sampling: SamplingParams,
                   model: torch.nn.Module | None = None):
-        ids, mask, sampled = self.lm.generate(requests, num_generations, model=model, temperature=settings.temperature,
-                                              top_k=settings.top_k, top_p=settings.top_p,
-                                              max_new_tokens=settings.max_new_tokens,
-                                              min_new_tokens=settings.min_new_tokens,
-                                              synced_processes=settings.synced_processes)
+        ids, mask, sampled = self.lm.generate(requests, num_generations, model=model, sampling=sampling)
         return ids, mask, sampled, self.lm.codes(sampled)
 
     def codes_to_audio(self, codes: Sequence[Sequence[int]], prompts: Sequence[VoicePrompt], flow_steps: int = 10

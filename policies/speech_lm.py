@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from .frontend.tokenizer import SpeechVocab, load_tokenizer
-from .sampling import RepetitionAwareSampling, Sampled, sample
+from .sampling import RELEASED_SAMPLING, RepetitionAwareSampling, Sampled, SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
@@ -173,29 +173,25 @@ class SpeechLM:
         num_generations: int = 1,
         *,
         model: torch.nn.Module | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = 25,
-        top_p: float | None = 0.8,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int = 0,
-        synced_processes: bool = False,
+        sampling: SamplingParams = RELEASED_SAMPLING,
     ) -> tuple[torch.Tensor, torch.Tensor, Sampled]:
         """Sample speech tokens for every prompt ``num_generations`` times. ``model`` overrides the wrapped one
-        (the trainer passes its unwrapped, possibly peft or ZeRO-3 policy). Returns the prompt ids and mask (left
-        padded) and what was sampled."""
+        (the trainer passes its unwrapped, possibly peft or ZeRO-3 policy). Each row's length is bounded by its text
+        (GLM-TTS's ratios), and further by ``sampling.max_new_tokens`` / ``min_new_tokens``. Returns the prompt ids
+        and mask (left padded) and what was sampled."""
         policy = model if model is not None else self.model
         device = next(policy.parameters()).device
         ids, mask, text_lengths = self.batch(prompts, num_generations)
         max_len = (text_lengths.float() * self.lengths.max_ratio).long().clamp(min=1)
-        if max_new_tokens is not None:
-            max_len = max_len.clamp(max=max_new_tokens)
-        min_len = (text_lengths.float() * self.lengths.min_ratio).long().clamp(min=min_new_tokens)
+        if sampling.max_new_tokens is not None:
+            max_len = max_len.clamp(max=sampling.max_new_tokens)
+        min_len = (text_lengths.float() * self.lengths.min_ratio).long().clamp(min=sampling.min_new_tokens)
         min_len = torch.minimum(min_len, max_len - 1).clamp(min=0)
         out = sample(policy, ids.to(device), mask.to(device), max_new_tokens=max_len.to(device),
                      min_new_tokens=min_len.to(device), stop_token_id=self.vocab.stop, pad_token_id=self.vocab.pad,
-                     temperature=temperature, top_k=top_k, top_p=top_p,
+                     temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                      allowed_tokens=self.allowed if self.speech_only else None, ras=self.ras,
-                     synced_processes=synced_processes)
+                     synced_processes=sampling.synced_processes)
         return ids.to(device), mask.to(device), out
 
     def codes(self, sampled: Sampled) -> list[list[int]]:

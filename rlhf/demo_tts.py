@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from vocalign.policies.frontend.text import normalize_text
 from vocalign.policies.frontend.tokenizer import build_word_tokenizer
 from vocalign.policies.mel_units import MelUnits, MelUnitsConfig
 from vocalign.policies.pipeline import MEL_UNITS_DIR
+from vocalign.policies.sampling import RELEASED_SAMPLING
 from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
 from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.pocketsphinx_asr import PocketSphinxASR
@@ -298,8 +299,8 @@ class HeldoutJudge:
     def sft_samples(self, model: torch.nn.Module) -> float:
         with torch.random.fork_rng():  # the training's random state is left as it was
             torch.manual_seed(self.seed)
-            _, _, sampled = self.lm.generate(self.requests, model=model, temperature=1.0, top_k=25, top_p=0.8,
-                                             max_new_tokens=256)
+            _, _, sampled = self.lm.generate(self.requests, model=model,
+                                             sampling=replace(RELEASED_SAMPLING, max_new_tokens=256))
         return self.word_error_rate(self.units.decode_batch(self.lm.codes(sampled)))
 
     def record(self, step: int, model: torch.nn.Module) -> None:

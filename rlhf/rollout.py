@@ -19,17 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
-    # keep calling the model until every process is done (the sampler's ``synced_processes``): the trainer sets it
-    # under DeepSpeed ZeRO-3 with several processes, where each forward pass is a collective
-    synced_processes: bool = False
+from vocalign.policies.sampling import SamplingParams
 
 
 @dataclass

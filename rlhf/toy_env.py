@@ -76,6 +76,9 @@ class ToyEnv(RolloutEnv):
         self, model: torch.nn.Module, prompts: Sequence[Mapping[str, list[int]]], num_generations: int,
         sampling: SamplingParams,
     ) -> Rollouts:
+        if sampling.max_new_tokens is None:
+            raise ValueError("the toy environment has no length bound of its own: set SamplingParams.max_new_tokens "
+                             "(the trainer's max_completion_length)")
         device = next(model.parameters()).device
         ids = torch.tensor([p["prompt_ids"] for p in prompts], device=device).repeat_interleave(num_generations, 0)
         mask = torch.ones_like(ids)

@@ -102,8 +102,10 @@ class GRPOTrainer:
 
     def train_step(self, prompts: Sequence[Any], hp: StepHyperparams) -> dict[str, float]:
         cfg, accelerator = self.config, self.accelerator
-        sampling = SamplingParams(hp.temperature, cfg.top_k, cfg.top_p, cfg.max_completion_length,
-                                  cfg.min_completion_length, synced_processes=self.setup.synced_generation)
+        sampling = SamplingParams(temperature=hp.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                  max_new_tokens=cfg.max_completion_length,
+                                  min_new_tokens=cfg.min_completion_length,
+                                  synced_processes=self.setup.synced_generation)
         t0 = time.perf_counter()
         rollouts, rewards, rounds, still_flat = self.generate_and_score(prompts, sampling)
         self.last_rollouts = rollouts

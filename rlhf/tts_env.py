@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline, VoicePrompt
+from vocalign.policies.pipeline import TTSPipeline, VoicePrompt
 from vocalign.rewards.audio import check_audio_file, read_audio
 
 from .rollout import RolloutEnv, Rollouts, SamplingParams
@@ -57,8 +56,8 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 class TTSEnv(RolloutEnv):
-    def __init__(self, pipeline: TTSPipeline, settings: SynthesisSettings = SynthesisSettings()) -> None:
-        self.pipeline, self.settings = pipeline, settings
+    def __init__(self, pipeline: TTSPipeline, flow_steps: int = 10) -> None:
+        self.pipeline, self.flow_steps = pipeline, flow_steps
         self._voices: dict[tuple[str, str], VoicePrompt] = {}
         self._prompt_audio: dict[str, tuple[np.ndarray, int]] = {}
         self._timings: dict[str, float] = {}
@@ -75,16 +74,13 @@ class TTSEnv(RolloutEnv):
 
     def rollout(self, model: torch.nn.Module, prompts: Sequence[Mapping[str, Any]], num_generations: int,
                 sampling: SamplingParams) -> Rollouts:
-        settings = replace(self.settings, temperature=sampling.temperature, top_k=sampling.top_k,
-                           top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-                           min_new_tokens=sampling.min_new_tokens, synced_processes=sampling.synced_processes)
         voices = [self._voice(row) for row in prompts]
         t0 = time.perf_counter()
         ids, mask, sampled, codes = self.pipeline.generate_codes([r["text"] for r in prompts], [v[0] for v in voices],
-                                                                 num_generations, settings, model=model)
+                                                                 num_generations, sampling, model=model)
         t1 = time.perf_counter()
         per_sample = [v for v in voices for _ in range(num_generations)]
-        audio = self.pipeline.codec.decode(codes, [v[0] for v in per_sample], settings.flow_steps)
+        audio = self.pipeline.codec.decode(codes, [v[0] for v in per_sample], self.flow_steps)
         self._timings = {"time/speech_lm_s": t1 - t0, "time/token_to_audio_s": time.perf_counter() - t1}
         rows = [r for r in prompts for _ in range(num_generations)]
         extras = [{"audio": a, "sample_rate": self.pipeline.sample_rate, "text": row["text"],

@@ -1,12 +1,14 @@
 """The speech LM on a tiny checkpoint in the published layout: loading, prompt layout, sampling bounds, log-probs."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from vocalign.policies.checkpoints import TinySizes, write_tiny_checkpoint
+from vocalign.policies.sampling import RELEASED_SAMPLING, SamplingParams
 from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
 from vocalign.rlhf.loss import completion_logps
 
@@ -57,7 +59,7 @@ def test_sampling_obeys_text_length_bounds_and_emits_only_speech(ckpt):
     lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
     prompts = [TTSPrompt("今天天气很好", "你好", [1, 2, 3]), TTSPrompt("hi", "hello there", [4])]
     torch.manual_seed(0)
-    _, _, out = lm.generate(prompts, num_generations=4, temperature=1.5, top_k=None, top_p=None)
+    _, _, out = lm.generate(prompts, num_generations=4, sampling=SamplingParams(temperature=1.5))
     lengths = out.mask.sum(-1)
     text_lengths = torch.tensor([6] * 4 + [2] * 4)
     assert (lengths >= 2 * text_lengths).all() and (lengths <= 20 * text_lengths).all()
@@ -72,7 +74,8 @@ def test_sampled_logps_equal_a_fresh_forward(ckpt):
     lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
     torch.manual_seed(1)
     ids, mask, out = lm.generate([TTSPrompt("你好世界", "嗨", [1, 2]), TTSPrompt("hello", "a much longer prompt", [3])],
-                                 num_generations=2, temperature=0.8, max_new_tokens=12)
+                                 num_generations=2,
+                                 sampling=replace(RELEASED_SAMPLING, temperature=0.8, max_new_tokens=12))
     fresh = completion_logps(lm.model, torch.cat([ids, out.tokens], 1), torch.cat([mask, out.mask], 1),
                              out.tokens.shape[1], 0.8)
     torch.testing.assert_close(fresh * out.mask, out.logps, atol=1e-5, rtol=1e-4)
@@ -84,7 +87,8 @@ def test_works_with_a_peft_adapter(ckpt):
     lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
     adapted = wrap_lora(lm.model, LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(2)
-    _, _, out = lm.generate([TTSPrompt("你好", "嗨", [1])], num_generations=2, model=adapted, max_new_tokens=8)
+    _, _, out = lm.generate([TTSPrompt("你好", "嗨", [1])], num_generations=2, model=adapted,
+                           sampling=replace(RELEASED_SAMPLING, max_new_tokens=8))
     assert out.tokens.shape[0] == 2 and out.mask.sum() > 0
 
 
@@ -129,7 +133,8 @@ def test_whole_vocabulary_is_drawn_by_default_as_released(ckpt, tmp_path, caplog
     lm = SpeechLM.from_pretrained(released, num_codes=64)
     assert not lm.speech_only
     torch.manual_seed(3)
-    _, _, out = lm.generate([TTSPrompt("今天天气很好", "你好", [1, 2, 3])], num_generations=2, max_new_tokens=20)
+    _, _, out = lm.generate([TTSPrompt("今天天气很好", "你好", [1, 2, 3])], num_generations=2,
+                           sampling=replace(RELEASED_SAMPLING, max_new_tokens=20))
     drawn = out.tokens[out.mask.bool()]
     speech = (drawn >= lm.vocab.audio_0) & (drawn < lm.vocab.audio_0 + 64)
     assert (~speech & (drawn != lm.vocab.stop)).any()  # text tokens were drawn and did not stop generation

@@ -95,7 +95,7 @@ def test_generation_is_synced_only_under_zero3_with_several_processes():
 
 
 def test_environments_hand_the_sync_flag_to_the_sampler(monkeypatch, tmp_path):
-    """Toy and GLM-TTS environments pass SamplingParams.synced_processes on to the sampler."""
+    """Toy and GLM-TTS environments pass SamplingParams (the sync flag among them) on to the sampler."""
     import vocalign.policies.speech_lm as speech_lm
     import vocalign.rlhf.toy_env as toy_env
     from vocalign.policies.checkpoints import write_tiny_checkpoint
@@ -106,14 +106,14 @@ def test_environments_hand_the_sync_flag_to_the_sampler(monkeypatch, tmp_path):
 
     def recording(real):
         def sample_and_record(*args, **kwargs):
-            seen.append(kwargs["synced_processes"])
+            seen.append((kwargs["synced_processes"], kwargs["top_k"], kwargs["top_p"], kwargs["temperature"]))
             return real(*args, **kwargs)
         return sample_and_record
 
     monkeypatch.setattr(toy_env, "sample", recording(sample))
     monkeypatch.setattr(speech_lm, "sample", recording(sample))
     toy = ToyConfig()
-    synced = SamplingParams(max_new_tokens=4, synced_processes=True)
+    synced = SamplingParams(temperature=0.9, top_k=7, top_p=0.5, max_new_tokens=4, synced_processes=True)
     ToyEnv(toy).rollout(build_toy_model(toy), toy_prompts(toy)[:1], 2, synced)
     pipeline = TTSPipeline.from_pretrained(write_tiny_checkpoint(tmp_path / "ckpt"))
     prompt_wav = tmp_path / "prompt.wav"
@@ -122,4 +122,10 @@ def test_environments_hand_the_sync_flag_to_the_sampler(monkeypatch, tmp_path):
     env = TTSEnv(pipeline)
     env.rollout(pipeline.lm.model, [row], 2, synced)
     env.rollout(pipeline.lm.model, [row], 2, SamplingParams(max_new_tokens=4))
-    assert seen == [True, True, False]
+    assert seen == [(True, 7, 0.5, 0.9)] * 2 + [(False, None, None, 1.0)]
+
+
+def test_the_toy_environment_asks_for_a_length_bound():
+    toy = ToyConfig()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ToyEnv(toy).rollout(build_toy_model(toy), toy_prompts(toy)[:1], 2, SamplingParams())
