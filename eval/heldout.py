@@ -39,8 +39,9 @@ class HeldoutSettings:
     limit: int | None = None  # evaluate the first `limit` rows only (quick checks)
     batch_size: int = 32
     save_wavs: int = 3  # utterances whose audio is written for each policy (first seed)
-    temperature: float = RELEASED_SAMPLING.temperature  # sampling as GLM-TTS synthesises, whatever the training
-    top_k: int | None = RELEASED_SAMPLING.top_k  # schedule was
+    # sampling as GLM-TTS synthesises, whatever the training schedule was
+    temperature: float = RELEASED_SAMPLING.temperature
+    top_k: int | None = RELEASED_SAMPLING.top_k
     top_p: float | None = RELEASED_SAMPLING.top_p
     max_new_tokens: int = 256
 
