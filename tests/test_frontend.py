@@ -24,6 +24,19 @@ def test_normalisation_rules_and_bad_input():
         normalize_text(None)
 
 
+def test_each_text_is_normalised_once(monkeypatch):
+    # GRPO normalises the same prompt texts at every step: the ~30 ms WeTextProcessing pass must run once per text
+    import vocalign.policies.frontend.text as frontend
+
+    zh_tn, en_tn = frontend._wetext()
+    calls = []
+    monkeypatch.setattr(frontend, "_wetext", lambda: (zh_tn, lambda t: calls.append(t) or en_tn(t)))
+    text = "Cached normalisation of 3 unique words, checked once."
+    first = normalize_text(text)
+    assert normalize_text(text) == first == "cached normalisation of three unique words, checked once."
+    assert len(calls) == 1
+
+
 def test_split_units_weights_and_hard_cut():
     assert split_units("Hi there, 你好 it's") == ["Hi ", "there", ", ", "你", "好 ", "it's"]
     assert weight(["extraordinary "]) == pytest.approx(0.7 * 6) and weight(["你", "，"]) == 2

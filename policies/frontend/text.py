@@ -246,6 +246,13 @@ def normalize_text(text: str) -> str:
     """The release's text normalisation (``TextFrontEnd.text_normalize`` with WeTextProcessing)."""
     if not isinstance(text, str):
         raise TypeError(f"text to normalise must be a string, got {type(text).__name__}")
+    return _normalize_cached(text)
+
+
+@functools.lru_cache(maxsize=16384)
+def _normalize_cached(text: str) -> str:
+    # WeTextProcessing's tagger takes ~30 ms a text on a CPU, and GRPO normalises the same prompt texts at every
+    # step and every evaluation; the result depends on the text alone, so each text is normalised once
     import emoji
 
     zh_tn, en_tn = _wetext()
