@@ -228,12 +228,11 @@ def sft_examples(lm: SpeechLM, utterances: list[Utterance], prompts_per_utteranc
     by_voice: dict[str, list[Utterance]] = {}
     for utt in utterances:
         by_voice.setdefault(utt.voice, []).append(utt)
-    normalised = {u.text: normalize_text(u.text) for u in utterances}  # the front end costs ~50 ms a text
     examples = []
     for utt in utterances:
         others = [u for u in by_voice[utt.voice] if u is not utt]
         for prompt in rng.sample(others, min(prompts_per_utterance, len(others))):
-            request = TTSPrompt(normalised[utt.text], normalised[prompt.text], prompt.codes)
+            request = TTSPrompt(normalize_text(utt.text), normalize_text(prompt.text), prompt.codes)
             examples.append(lm.training_example(request, utt.codes))
     return examples
 
