@@ -2,11 +2,14 @@
 
 A sweep file names a base recipe, ``overrides`` applied to every run (``section.key=value`` items, read by the same
 parser as ``vocalign train --set``), and either a ``grid`` of ``section.key: [values]`` (every combination runs) or
-named ``variants`` of ``section.key: value`` (an ablation list: each runs as written).
+named ``variants`` of ``section.key: value`` (an ablation list: each runs as written), and optionally ``seeds``:
+training seeds (``trainer.seed``) each run is repeated with, so that a difference between runs can be read against
+the spread between seeds.
 Every run is its own ``vocalign train`` process (so each has a clean accelerate state and can be killed and resumed
-on its own: a finished run is not run again). The table has one row per run: its settings, the mean of each reward
-over the last ``summary_steps`` steps and, when the recipe has an ``eval`` section, the held-out metrics of the
-starting and the trained policy (from the run's ``eval.json``); a PNG overlays every run's reward curves.
+on its own: a finished run is not run again). ``results.csv`` has one row per run and seed: its settings, the mean
+of each reward over the last ``summary_steps`` steps and, when the recipe has an ``eval`` section, the held-out
+metrics of the starting and the trained policy (from the run's ``eval.json``); ``results.md`` has one row per run,
+each figure as its mean over the seeds with every seed's value; a PNG overlays every run's reward curves.
 """
 
 from __future__ import annotations
@@ -60,18 +63,52 @@ def summary_row(name: str, values: dict[str, Any], metrics: list[dict[str, float
     return row
 
 
-def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+def seed_table(rows: list[dict[str, Any]], settings: set[str]) -> list[dict[str, Any]]:
+    """One row per run from its rows of several seeds: each figure as ``mean [seed, seed, ...]``, settings as is."""
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_run.setdefault(row["run"], []).append(row)
+    table = []
+    for group in by_run.values():
+        merged: dict[str, Any] = {}
+        for key in dict.fromkeys(k for r in group for k in r):
+            values = [r.get(key) for r in group]
+            if key == "seed":
+                merged["seeds"] = ", ".join(str(v) for v in values)
+            elif key not in settings and len(group) > 1 and all(isinstance(v, float) for v in values):
+                merged[key] = f"{sum(values) / len(values):.4f} [{', '.join(f'{v:.4f}' for v in values)}]"
+            else:
+                merged[key] = values[0]
+        table.append(merged)
+    return table
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, settings: set[str]) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
+
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
+    table = seed_table(rows, settings)
+    columns = list(dict.fromkeys(k for r in table for k in r))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in table]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def sweep_seeds(spec: dict[str, Any]) -> list[int | None]:
+    """The training seeds each run is repeated with; ``[None]`` (the recipe's own seed) when the sweep names none."""
+    seeds = spec.get("seeds")
+    if seeds is None:
+        return [None]
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"sweep `seeds` must be a list of distinct integer training seeds, e.g. `seeds: [0, 1]`; "
+                         f"got {seeds!r}")
+    return seeds
 
 
 def sweep_runs(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -89,28 +126,34 @@ def sweep_runs(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def run_sweep(path: str | Path) -> Path:
     path = Path(path)
     spec = load_yaml(path)
-    unknown = sorted(set(spec) - {"base", "output_dir", "overrides", "grid", "variants", "summary_steps"})
+    unknown = sorted(set(spec) - {"base", "output_dir", "overrides", "grid", "variants", "seeds", "summary_steps"})
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {unknown}")
     runs = sweep_runs(spec)
+    seeds = sweep_seeds(spec)
     fixed = [parse_override(item) for item in spec.get("overrides", [])]  # a malformed one fails before any run
     base = (path.parent / spec["base"]).resolve()
     out = Path(spec.get("output_dir", f"runs/sweep_{path.stem}"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     rows, curves = [], {}
-    for name, values in runs:
+    for (name, values), seed in itertools.product(runs, seeds):
         run_dir = out / re.sub(r"[^A-Za-z0-9_-]+", "_", name.replace("=", "_").replace(",", "__").replace(".", "-"))
+        label, extra = name, [("trainer.run_name", name)]
+        if seed is not None:
+            run_dir, label = run_dir / f"seed{seed}", f"{name} seed={seed}"
+            extra = [("trainer.seed", seed), ("trainer.run_name", label)]
         if not (run_dir / "final").is_dir():
             cmd = [sys.executable, "-m", "vocalign.launch.cli", "train", str(base)]
-            for key, value in [*fixed, *values.items(), ("trainer.output_dir", str(run_dir)), ("trainer.run_name", name)]:
+            for key, value in [*fixed, *values.items(), *extra, ("trainer.output_dir", str(run_dir))]:
                 cmd += ["--set", format_override(key, value)]
-            logger.info("sweep run %s", name)
+            logger.info("sweep run %s", label)
             subprocess.run(cmd, check=True)
         metrics = read_metrics(run_dir / "metrics.jsonl")
-        curves[name] = metrics
+        curves[label] = metrics
         heldout = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
-        rows.append(summary_row(name, values, metrics, int(spec.get("summary_steps", 5)), heldout))
-    write_table(rows, out)
+        row = summary_row(name, values, metrics, int(spec.get("summary_steps", 5)), heldout)
+        rows.append(row if seed is None else {"run": name, "seed": seed, **row})
+    write_table(rows, out, {_short(key) for _, values in runs for key in values})
     plot_reward_curves(curves, out / "reward_curves.png")
     return out

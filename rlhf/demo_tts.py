@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -68,10 +69,11 @@ DEMO_PROMPTS = DEMO_DIR / "prompts"
 # pocketsphinx's beams as the main job sets them (configs/grpo_demo_cpu.yaml)
 DEMO_DECODER_OPTIONS = {"beam": 1e-30, "wbeam": 1e-20}
 
-STOP_POINT = ("SFT stops at sft.steps, well before convergence: run to 1000 steps, the same recipe's samples were as "
-              "intelligible as the codec round trip of espeak-ng (held-out WER 0.204 vs 0.219), leaving GRPO nothing "
-              "to gain. heldout_word_error_rate.sft_by_step is the curve; the gap from .sft to .codec_round_trip is "
-              "GRPO's headroom.")
+STOP_POINT = ("SFT stops at sft.steps, well before convergence, so that GRPO has headroom: run much longer, the "
+              "recipe's samples come about as intelligible as espeak-ng through the codec, which bounds what any "
+              "policy over these codes can reach. heldout_word_error_rate.sft_by_step is the curve; the gap from .sft "
+              "to .codec_round_trip is GRPO's headroom.")
+
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -335,6 +337,23 @@ def write_prompts(folder: Path, corpus: Corpus, sample_rate: int) -> dict[str, P
     return files
 
 
+def numerics() -> dict[str, Any]:
+    """What picks the k-means codebook besides the seed: the BLAS kernels scikit-learn runs on, which OpenBLAS
+    chooses per CPU (on one machine the build is deterministic; with another kernel, e.g. ``OPENBLAS_CORETYPE=Haswell``
+    on an AVX-512 CPU, the codebook and every figure after it differ)."""
+    import sklearn
+    from threadpoolctl import threadpool_info
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    blas = sorted({f"{pool['internal_api']} {pool.get('version')} {pool.get('architecture', '')}".strip()
+                   for pool in threadpool_info() if pool["user_api"] == "blas"})
+    return {"cpu": cpu, "blas": blas, "scikit_learn": sklearn.__version__, "numpy": np.__version__}
+
+
 def build_demo_tts(cfg: DemoTTSConfig) -> Path:
     """Run every step; returns the output folder (``ckpt/``, ``prompts/``, ``provenance.json``)."""
     started = time.perf_counter()
@@ -371,6 +390,8 @@ def build_demo_tts(cfg: DemoTTSConfig) -> Path:
         "espeak_ng": version,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numerics": numerics(),
         "data": {"sft_utterances": len(corpus.sft), "sft_examples": len(examples),
                  "sft_seconds_of_speech": round(sum(len(u.audio) for u in corpus.sft) / codec.sample_rate, 1),
                  "sft_codes": sum(len(u.codes) for u in corpus.sft),

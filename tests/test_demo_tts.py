@@ -63,6 +63,8 @@ def test_miniature_build_leaves_a_checkpoint_the_pipeline_loads(tmp_path):
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["data"]["sft_utterances"] == 12 and provenance["config"]["sft"]["steps"] == 3
     assert "espeak-ng" in provenance["espeak_ng"] and len(provenance["sft_loss"]["every_50"]) == 1
+    # what makes the codebook differ between machines is recorded beside the figures it moves
+    assert provenance["numerics"]["cpu"] and any("openblas" in pool for pool in provenance["numerics"]["blas"])
     pipeline = TTSPipeline.from_pretrained(out / "ckpt")
     assert pipeline.sample_rate == 16000 and pipeline.lm.vocab.num_codes == 16
     rows = load_prompt_rows(out / "prompts" / "heldout.jsonl")

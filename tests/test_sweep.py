@@ -5,7 +5,7 @@ import csv
 import pytest
 import yaml
 
-from vocalign.launch.sweep import grid_runs, run_name, run_sweep, summary_row, sweep_runs
+from vocalign.launch.sweep import grid_runs, run_name, run_sweep, seed_table, summary_row, sweep_runs, sweep_seeds
 
 from .conftest import REPO
 
@@ -37,16 +37,32 @@ def test_variants_are_named_runs():
         sweep_runs({"variants": {"a": ["trainer.beta=0"]}})
 
 
+def test_seeds_repeat_each_run_and_the_table_shows_their_spread():
+    assert sweep_seeds({}) == [None] and sweep_seeds({"seeds": [0, 1]}) == [0, 1]
+    for bad in ([], [0, 0], ["0"], 1, [True]):
+        with pytest.raises(ValueError, match="list of distinct integer training seeds"):
+            sweep_seeds({"seeds": bad})
+    rows = [{"run": "a", "seed": 0, "trainer.beta": 0.1, "cer": 0.5, "heldout grpo error_rate": 0.25},
+            {"run": "a", "seed": 1, "trainer.beta": 0.1, "cer": 0.7, "heldout grpo error_rate": 0.35},
+            {"run": "b", "seed": 0, "trainer.beta": 0.0, "cer": 0.4}]
+    assert seed_table(rows, {"trainer.beta"}) == [
+        {"run": "a", "seeds": "0, 1", "trainer.beta": 0.1, "cer": "0.6000 [0.5000, 0.7000]",
+         "heldout grpo error_rate": "0.3000 [0.2500, 0.3500]"},
+        {"run": "b", "seeds": "0", "trainer.beta": 0.0, "cer": 0.4}]
+
+
 def test_demo_ablation_writes_table_with_heldout_metrics_and_plot(tmp_path):
     spec = yaml.safe_load((REPO / "configs" / "sweeps" / "demo_ablation.yaml").read_text())
     spec["base"] = str(REPO / "configs" / "grpo_demo_cpu.yaml")
     spec["output_dir"] = str(tmp_path / "sweep")
     spec["overrides"] = ["trainer.max_steps=1", "trainer.prompts_per_step=2", "trainer.num_generations=2",
                          "trainer.report_to=none", "eval.seeds=[0]", "eval.limit=2"]
+    spec["seeds"] = [3]  # one training seed: each run in its seed folder
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))  # variants run in the order written
     out = run_sweep(path)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["run"] for r in rows] == ["full", "sum_then_normalize", "no_resampling", "fixed_clip"]
+    assert {r["seed"] for r in rows} == {"3"} and (out / "full" / "seed3" / "final").is_dir()
     assert {"cer", "sim", "heldout sft error_rate", "heldout grpo error_rate"} <= set(rows[0])
     assert (out / "results.md").read_text().count("\n") == 6 and (out / "reward_curves.png").stat().st_size > 0
