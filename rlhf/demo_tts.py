@@ -74,7 +74,6 @@ STOP_POINT = ("SFT stops at sft.steps, well before convergence, so that GRPO has
               "policy over these codes can reach. heldout_word_error_rate.sft_by_step is the curve; the gap from .sft "
               "to .codec_round_trip is GRPO's headroom.")
 
-
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
