@@ -183,13 +183,17 @@ def compare(results: Mapping[str, PolicyScores], out_dir: str | Path, before: st
     return report
 
 
+def seed_cell(mean: float, per_seed: Sequence[float]) -> str:
+    """``mean [seed 0, seed 1, ...]``: a figure beside the spread it should be read against."""
+    return f"{mean:.4f} [" + ", ".join(f"{v:.4f}" for v in per_seed) + "]"
+
+
 def format_table(report: Mapping[str, Any], policies: Sequence[str]) -> str:
     """Markdown: one row per policy, each metric as its mean over seeds and, in brackets, each seed's value."""
     metrics = [k for k in ("error_rate", "sim", "seconds_per_char_median") if all(k in report[p] for p in policies)]
     lines = ["| policy | " + " | ".join(f"{m} (mean [per seed])" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for p in policies:
-        cells = [f"{report[p][m]:.4f} [" + ", ".join(f"{v:.4f}" for v in report[p][m + "/per_seed"]) + "]"
-                 for m in metrics]
+        cells = [seed_cell(report[p][m], report[p][m + "/per_seed"]) for m in metrics]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from vocalign.eval.heldout import seed_cell
 from vocalign.eval.plots import plot_reward_curves, read_metrics
 from vocalign.rlhf.config import format_override, load_yaml, parse_override
 
@@ -76,7 +77,7 @@ def seed_table(rows: list[dict[str, Any]], settings: set[str]) -> list[dict[str,
             if key == "seed":
                 merged["seeds"] = ", ".join(str(v) for v in values)
             elif key not in settings and len(group) > 1 and all(isinstance(v, float) for v in values):
-                merged[key] = f"{sum(values) / len(values):.4f} [{', '.join(f'{v:.4f}' for v in values)}]"
+                merged[key] = seed_cell(sum(values) / len(values), values)
             else:
                 merged[key] = values[0]
         table.append(merged)
