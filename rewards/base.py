@@ -48,17 +48,59 @@ class Sample:
         return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
 
 
+OK, INVALID, FAILED = "ok", "invalid", "failed"
+STATUSES = (OK, INVALID, FAILED)
+
+
 @dataclass
 class RewardResult:
+    """One sample's score, and whether it could be scored.
+
+    Two kinds of sample cannot be scored normally, and training must treat them differently:
+
+    - ``invalid``: the policy is to blame (empty audio, an utterance longer than a reward accepts, nothing but
+      non-speech). The sample keeps a real ``value``, the reward's minimum (:func:`min_value`), so the policy learns
+      not to produce it.
+    - ``failed``: something outside the policy went wrong (a server refused or lost the sample, a model raised). The
+      value is NaN and the trainer masks the sample out of advantages and loss instead of teaching the policy
+      anything from it.
+
+    Both are counted per step (``rewards/<name>/invalid``, ``rewards/<name>/masked``) and a recipe bounds their share.
+    """
+
     value: float
     info: dict[str, Any] = field(default_factory=dict)  # e.g. the transcript; JSON-serialisable
+    status: str = OK
+    reason: str = ""  # why the sample is invalid or failed; empty when ok
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"RewardResult.status must be one of {STATUSES}, got {self.status!r}")
+
+    @classmethod
+    def invalid(cls, plugin: RewardPlugin, reason: str) -> RewardResult:
+        """The policy's fault: scored at the plugin's minimum."""
+        return cls(min_value(plugin), {}, INVALID, reason)
+
+    @classmethod
+    def failed(cls, reason: str) -> RewardResult:
+        """Not the policy's fault: no value; the trainer masks the sample."""
+        return cls(float("nan"), {}, FAILED, reason)
 
 
 @runtime_checkable
 class RewardPlugin(Protocol):
+    """``name`` and ``score``; optionally ``min_value`` (the lowest value ``score`` gives, what an invalid sample
+    earns; 0.0 when not declared) and ``requires`` (see :func:`score_all`)."""
+
     name: str
 
     def score(self, samples: Sequence[Sample]) -> list[RewardResult]: ...
+
+
+def min_value(plugin: RewardPlugin) -> float:
+    """The value an invalid sample earns from ``plugin``: its declared ``min_value``, else 0.0."""
+    return float(getattr(plugin, "min_value", 0.0))
 
 
 _BUILTINS: dict[str, str] = {
