@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,14 +36,22 @@ from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer
 from .schedules import StepHyperparams
 from .training_setup import prepare_training, reference_policy, resume
 
+StepCallback = Callable[["GRPOTrainer", int], "dict[str, float] | None"]
+
 
 class GRPOTrainer:
     """GRPO of ``model`` on ``prompts`` through any rollout environment and scorer (``rlhf/rollout.py``); after
-    :meth:`train`, ``output_dir`` holds checkpoints, ``final/`` and ``metrics_path`` (``metrics.jsonl``)."""
+    :meth:`train`, ``output_dir`` holds checkpoints, ``final/`` and ``metrics_path`` (``metrics.jsonl``).
+
+    ``step_callbacks`` run on every process after each step's update, with the trainer and the number of steps done;
+    what they return joins that step's metrics (e.g. a held-out evaluation every few steps). Each must be called by
+    every process when it does collective work."""
 
     def __init__(self, model: torch.nn.Module, env: RolloutEnv, scorer: Scorer, prompts: Sequence[Any],
-                 config: GRPOConfig, accelerator: Accelerator | None = None) -> None:
+                 config: GRPOConfig, accelerator: Accelerator | None = None,
+                 step_callbacks: Sequence[StepCallback] = ()) -> None:
         self.config, self.env, self.scorer, self.prompts = config, env, scorer, prompts
+        self.step_callbacks = list(step_callbacks)
         self.reward_names = list(scorer.reward_names)
         self.reward_weights = config.weights_for(self.reward_names)
         unknown_ignored = sorted(set(config.resample.ignore) - set(self.reward_names))
@@ -73,6 +81,8 @@ class GRPOTrainer:
             self.step = step
             metrics = self.train_step(self.prompts_for_step(step), cfg.schedule.at(step, cfg.max_steps, constants))
             self.step = step + 1
+            for callback in self.step_callbacks:
+                metrics.update(callback(self, self.step) or {})
             if step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
                 wanted = self.log.completions_wanted
                 self.log.write(step, metrics, self.scorer.sample_rows(self.last_rollouts, wanted) if wanted else [])
