@@ -16,6 +16,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +53,33 @@ OK, INVALID, FAILED = "ok", "invalid", "failed"
 STATUSES = (OK, INVALID, FAILED)
 
 
+Span = tuple[float, float, float]  # (start_s, end_s, value) over a sample's audio
+SPAN_TOLERANCE_S = 0.05  # a recogniser's last word may end a frame or two past the audio (Whisper: 20 ms steps)
+
+
+def check_spans(spans: Sequence[Span], duration_s: float | None, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` unless ``spans`` are finite ``(start_s, end_s, value)`` triples with
+    ``0 <= start < end <= duration_s`` (+ :data:`SPAN_TOLERANCE_S`), sorted and non-overlapping.
+
+    Spans say *where* a reward found what it scored (the CER reward: a misread word's time, valued by its local
+    penalty), so that training can credit the speech tokens that made that stretch of audio; a span outside the
+    audio or overlapping another would credit the wrong tokens, or some twice. ``duration_s=None`` checks all but
+    the end bound (a reply read off the wire, before its sample is known)."""
+    previous_end = 0.0
+    for k, span in enumerate(spans):
+        if len(span) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in span):
+            raise ValueError(f"{where}: span {k} must be three finite numbers (start_s, end_s, value), got {span!r}")
+        start, end, _ = span
+        if not 0.0 <= start < end:
+            raise ValueError(f"{where}: span {k} {span!r} needs 0 <= start_s < end_s (seconds of the scored audio)")
+        if duration_s is not None and end > duration_s + SPAN_TOLERANCE_S:
+            raise ValueError(f"{where}: span {k} {span!r} ends after the audio ({duration_s:.3f} s); clip it")
+        if start < previous_end:
+            raise ValueError(f"{where}: span {k} {span!r} starts before span {k - 1} ends ({previous_end:.3f} s); "
+                             "spans must be sorted by time and must not overlap")
+        previous_end = end
+
+
 @dataclass
 class RewardResult:
     """One sample's score, and whether it could be scored.
@@ -66,12 +94,16 @@ class RewardResult:
       anything from it.
 
     Both are counted per step (``rewards/<name>/invalid``, ``rewards/<name>/masked``) and a recipe bounds their share.
+
+    ``spans`` (optional, default none) localise the score in time: ``(start_s, end_s, value)`` over the scored audio,
+    valid as :func:`check_spans` says; a plugin that cannot say where leaves them empty.
     """
 
     value: float
     info: dict[str, Any] = field(default_factory=dict)  # e.g. the transcript; JSON-serialisable
     status: str = OK
     reason: str = ""  # why the sample is invalid or failed; empty when ok
+    spans: list[Span] = field(default_factory=list)  # where in the audio the score comes from; see check_spans
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -227,4 +259,6 @@ def _score_one(plugin: RewardPlugin, samples: Sequence[Sample],
         out = plugin.score(samples)
     if len(out) != len(samples):
         raise RuntimeError(f"reward {plugin.name!r} returned {len(out)} results for {len(samples)} samples")
+    for i, (result, sample) in enumerate(zip(out, samples)):
+        check_spans(result.spans, len(sample.audio) / sample.sample_rate, f"reward {plugin.name!r}, sample {i}")
     return list(out)

@@ -3,7 +3,8 @@
 A sample is a mapping ``{"audio": bytes, "encoding": "f32"|"s16", "sample_rate": int, "text": str,
 "language": str, "prompt_audio"?: bytes, "prompt_encoding"?, "prompt_sample_rate"?, "emotion"?}``; JSON carries the
 bytes as base64 strings. A request is ``{"samples": [...], "upstream"?: {reward: [{"value", "info"}]}}``, a reply
-``{"results": [{"value", "info"}]}`` or ``{"error": str, "samples"?: [{"index", "reason"}]}``.
+``{"results": [{"value", "info", "spans"?: [[start_s, end_s, value]]}]}`` or
+``{"error": str, "samples"?: [{"index", "reason"}]}``.
 
 Both ends read with the same strict checks: anything that does not follow the format raises :class:`WireError`
 saying where, so a server answers 400 (never 500) and a client rejects a reply with the wrong number of results or a
@@ -21,7 +22,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .base import RewardResult, Sample
+from .base import RewardResult, Sample, Span, check_spans
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -129,7 +130,24 @@ def request_payload(samples: Sequence[Sample], upstream: Mapping[str, Sequence[R
 
 
 def results_to_wire(results: Sequence[RewardResult]) -> list[dict[str, Any]]:
-    return [{"value": r.value, "info": r.info} for r in results]
+    """Spans go out only when a result has some, so a reply without them reads as it always did."""
+    return [{"value": r.value, "info": r.info, **({"spans": [list(s) for s in r.spans]} if r.spans else {})}
+            for r in results]
+
+
+def _spans_from_wire(raw: Any, where: str) -> list[Span]:
+    """A result's optional ``spans``: ``[[start_s, end_s, value], ...]``, checked as :func:`check_spans` checks them
+    (the end bound waits for the sample's duration, which :func:`score_all` knows)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(s, list) for s in raw):
+        raise WireError(f"{where}: 'spans' must be a list of [start_s, end_s, value] lists, got {raw!r:.100}")
+    spans = [tuple(s) for s in raw]
+    try:
+        check_spans(spans, None, where)
+    except ValueError as err:
+        raise WireError(str(err)) from None
+    return [(float(a), float(b), float(v)) for a, b, v in spans]
 
 
 def results_from_wire(rows: Any, n: int, where: str) -> list[RewardResult]:
@@ -145,7 +163,8 @@ def results_from_wire(rows: Any, n: int, where: str) -> list[RewardResult]:
         info = row.get("info")
         if info is not None and not isinstance(info, Mapping):
             raise WireError(f"{where}: result {i} 'info' must be an object, got {type(info).__name__}")
-        out.append(RewardResult(float(value), dict(info or {})))
+        out.append(RewardResult(float(value), dict(info or {}),
+                                spans=_spans_from_wire(row.get("spans"), f"{where}: result {i}")))
     return out
 
 
