@@ -99,7 +99,9 @@ class GRPOConfig:
     # bookkeeping
     save_steps: int = 50
     save_total_limit: int | None = 2
-    resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
+    # continue from the newest checkpoint in output_dir when there is one, if it was saved with the same settings
+    # (beyond length, logging and saving); "force": continue it even under changed settings, listing them
+    resume: bool | str = True
     logging_steps: int = 1
     report_to: str = "wandb"  # "wandb" (offline unless WANDB_MODE says otherwise) or "none"; JSONL is always written
     wandb_project: str = "vocalign"
@@ -130,6 +132,8 @@ class GRPOConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 (checkpoints kept), or null to keep all; got "
                              f"{self.save_total_limit}")
+        if not isinstance(self.resume, bool) and self.resume != "force":
+            raise ValueError(f"resume must be true, false or \"force\", got {self.resume!r}")
         if self.report_to not in ("wandb", "none"):
             raise ValueError(f"report_to must be 'wandb' or 'none', got {self.report_to!r}")
 

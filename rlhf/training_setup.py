@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -22,7 +23,7 @@ from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 from trl.models.utils import prepare_deepspeed
 
-from .checkpointing import latest_checkpoint, load_checkpoint
+from .checkpointing import config_changes, config_record, latest_checkpoint, load_checkpoint, read_state
 from .config import GRPOConfig, wrap_lora
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class TrainingSetup:
     ref_model: torch.nn.Module | None  # frozen copy for the KL term; None with LoRA (adapter off) or beta 0
     accumulation_steps: int  # micro-batches per optimizer step
     synced_generation: bool  # every process must keep sampling until all are done (see generation_is_collective)
+    config: GRPOConfig  # the run's settings, which a resume compares with the checkpoint's
 
 
 def accumulation_steps(config: GRPOConfig) -> int:
@@ -110,7 +112,7 @@ def prepare_training(model: torch.nn.Module, config: GRPOConfig, accelerator: Ac
     logger.info("%d process(es), %s, %d micro-batches of %d per optimizer step", accelerator.num_processes,
                 accelerator.distributed_type.value, steps, config.micro_batch_size)
     return TrainingSetup(accelerator, model, optimizer, lr_scheduler, ref_model, steps,
-                         generation_is_collective(accelerator))
+                         generation_is_collective(accelerator), config)
 
 
 @contextlib.contextmanager
@@ -125,10 +127,34 @@ def reference_policy(setup: TrainingSetup) -> Iterator[torch.nn.Module]:
 
 def resume(setup: TrainingSetup, output_dir: str | Path) -> tuple[int, str | None] | None:
     """Load the newest complete checkpoint in ``output_dir`` (model, optimizer, RNG, LR schedule), if there is
-    one; returns the step to continue from and the run's wandb id, or None when there is nothing to resume."""
+    one; returns the step to continue from and the run's wandb id, or None when there is nothing to resume.
+
+    A checkpoint written under other settings (beyond how long the run is and how it logs and saves) is refused
+    before any weights are loaded, unless ``resume: force``: continuing it would train a mix of two recipes."""
     path = latest_checkpoint(output_dir)
     if path is None:
         return None
+    check_resumable(read_state(path), setup.config, path)
     state = load_checkpoint(setup.accelerator, path)
     setup.lr_scheduler.load_state_dict(state["lr_scheduler"])
     return state["step"], state.get("wandb_id")
+
+
+def check_resumable(state: dict[str, Any], config: GRPOConfig, path: Path) -> None:
+    """Raise if ``config`` differs from the one ``state`` was saved with, naming each setting; with
+    ``resume: force`` log the differences and go on."""
+    if "config" not in state:
+        logger.warning("%s holds no config (written before checkpoints saved one): resuming without comparing "
+                       "settings", path)
+        return
+    changes = config_changes(state["config"], config_record(config))
+    if not changes:
+        return
+    listed = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changes.items())
+    if config.resume == "force":
+        logger.warning("resuming %s under changed settings (resume: force):\n%s", path, listed)
+        return
+    raise ValueError(
+        f"{path} was written with other settings than this run's:\n{listed}\n"
+        "Set them back to the checkpoint's values to continue the run; or set trainer.resume=force to continue it "
+        "under the new ones; or give a new trainer.output_dir (or trainer.resume=false) to start afresh.")
