@@ -55,6 +55,7 @@ class Sampled:
     mask: torch.Tensor  # [N, C] 1 for sampled tokens (the stop token included)
     logps: torch.Tensor  # [N, C] float32, 0 where mask is 0
     stopped: torch.Tensor  # [N] bool: the row ended with the stop token (not by max length)
+    entropy: torch.Tensor  # [N, C] float32: entropy of softmax(logits / T) where each token was drawn, 0 where mask is 0
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -95,12 +96,16 @@ def _any_process_running(running: bool, device: torch.device, synced: bool) -> b
 
 def _draw(logits: torch.Tensor, temperature: float, min_len: torch.Tensor, t: int, stop_token_id: int | None,
           top_k: int | None, top_p: float | None, allowed_tokens: torch.Tensor | None,
-          ras: RepetitionAwareSampling | None, recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row and its log-prob under ``softmax(logits / T)``, with no host synchronisation (RAS's
-    fallback is drawn for every row and used where a loop is detected, rather than asking the device whether any
-    row loops)."""
+          ras: RepetitionAwareSampling | None, recent: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row, its log-prob under ``softmax(logits / T)`` and that distribution's entropy (the
+    exploration figure GRPO users read first, free here since the log-probs are at hand), with no host
+    synchronisation (RAS's fallback is drawn for every row and used where a loop is detected, rather than asking
+    the device whether any row loops)."""
     logits = logits.float() / temperature
     full_logp = logits.log_softmax(-1)
+    probs = full_logp.exp()
+    entropy = -(probs * full_logp.masked_fill(probs == 0, 0.0)).sum(-1)
     drawable = logits
     if allowed_tokens is not None:
         drawable = drawable.masked_fill(~allowed_tokens, float("-inf"))
@@ -114,7 +119,7 @@ def _draw(logits: torch.Tensor, temperature: float, min_len: torch.Tensor, t: in
         loop = (recent == token.unsqueeze(-1)).sum(-1) >= ras.window * ras.tau
         fallback = torch.multinomial(drawable.softmax(-1), 1).squeeze(-1)
         token = torch.where(loop, fallback, token)
-    return token, full_logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    return token, full_logp.gather(-1, token.unsqueeze(-1)).squeeze(-1), entropy
 
 
 @torch.no_grad()
@@ -164,7 +169,7 @@ def sample(
     decoder = make_decoder(decoding, model, steps)
     logits = decoder.prefill(prompt_ids, prompt_mask) if steps or synced_processes else None
     rows = torch.arange(n, device=device)  # the rows the decoder still runs, in its order
-    tokens, logps, masks = [], [], []
+    tokens, logps, entropies, masks = [], [], [], []
     finished = max_len <= 0
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     for t in itertools.count():
@@ -172,12 +177,13 @@ def sample(
             break
         window = ras.window if ras is not None else 0
         recent = torch.stack(tokens[-window:], dim=1)[rows] if tokens and window else rows.new_empty(len(rows), 0)
-        token, logp = _draw(logits, temperature, min_len[rows], t, stop_token_id, top_k, top_p, allowed_tokens,
+        token, logp, entropy = _draw(logits, temperature, min_len[rows], t, stop_token_id, top_k, top_p, allowed_tokens,
                             ras, recent)
         done = finished[rows]
         token = torch.where(done, pad_token_id, token)
         tokens.append(torch.full((n,), pad_token_id, dtype=torch.long, device=device).index_copy(0, rows, token))
         logps.append(torch.zeros(n, device=device).index_copy(0, rows, torch.where(done, 0.0, logp)))
+        entropies.append(torch.zeros(n, device=device).index_copy(0, rows, torch.where(done, 0.0, entropy)))
         masks.append(torch.zeros(n, dtype=torch.long, device=device).index_copy(0, rows, (~done).long()))
         if stop_token_id is not None:
             stopped[rows] |= ~done & (token == stop_token_id)
@@ -197,7 +203,8 @@ def sample(
 
     if not tokens:
         empty = torch.zeros(n, 0, dtype=torch.long, device=device)
-        return Sampled(empty, empty.clone(), empty.float(), stopped)
+        return Sampled(empty, empty.clone(), empty.float(), stopped, empty.float())
     mask = torch.stack(masks, 1)
     width = int(mask.sum(-1).max().item()) if n else 0  # steps taken only to keep other processes company
-    return Sampled(torch.stack(tokens, 1)[:, :width], mask[:, :width], torch.stack(logps, 1)[:, :width], stopped)
+    return Sampled(torch.stack(tokens, 1)[:, :width], mask[:, :width], torch.stack(logps, 1)[:, :width], stopped,
+                   torch.stack(entropies, 1)[:, :width])

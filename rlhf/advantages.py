@@ -12,6 +12,7 @@ numbers match TRL's on the same rewards.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -24,22 +25,22 @@ ScaleRewards = Literal["group", "batch", "none"]
 def rewards_to_tensor(
     rewards: Mapping[str, Sequence[float | None]], names: Sequence[str], num_generations: int
 ) -> torch.Tensor:
-    """Stack per-reward lists into ``[num_prompts, num_generations, K]``, rejecting missing or non-finite values.
+    """Stack per-reward lists into ``[num_prompts, num_generations, K]``; a missing value (None) becomes NaN.
 
-    A reward that is ``None`` or NaN usually means a reward model failed; scoring it as 0 would silently teach the
-    policy, so we refuse and name the reward and the samples instead.
-    """
+    NaN marks a sample that a reward could not score (see ``Scores``): the trainer masks it out of advantages and
+    loss rather than scoring it 0, which would silently teach the policy. Infinite values are refused, naming the
+    reward and the samples: no reward means them."""
     columns = []
     for name in names:
         if name not in rewards:
             raise ValueError(f"reward {name!r} is missing from the scores (got {sorted(rewards)}); "
                              "check that every configured reward plugin returned a value")
-        values = list(rewards[name])
-        bad = [i for i, v in enumerate(values) if v is None or not torch.isfinite(torch.tensor(float(v)))]
+        column = torch.tensor([math.nan if v is None else float(v) for v in rewards[name]], dtype=torch.float64)
+        bad = torch.isinf(column).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"reward {name!r} has missing or non-finite values at samples {bad[:10]}"
-                             f"{' ...' if len(bad) > 10 else ''}; fix the reward plugin or drop those prompts")
-        columns.append(torch.tensor([float(v) for v in values], dtype=torch.float64))
+            raise ValueError(f"reward {name!r} has infinite values at samples {bad[:10]}"
+                             f"{' ...' if len(bad) > 10 else ''}; fix the reward plugin")
+        columns.append(column)
     lengths = {len(c) for c in columns}
     if len(lengths) != 1:
         raise ValueError(f"rewards have different lengths: {dict(zip(names, map(len, columns)))}")
@@ -49,16 +50,37 @@ def rewards_to_tensor(
     return torch.stack(columns, dim=-1).view(n // num_generations, num_generations, len(names))
 
 
-def group_std(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Unbiased std along ``dim``; a single sample has no spread, so it is 0 instead of NaN."""
-    if x.shape[dim] < 2:
-        return torch.zeros_like(x.select(dim, 0)).unsqueeze(dim)
-    return x.std(dim=dim, keepdim=True)
+def scored_samples(rewards: torch.Tensor) -> torch.Tensor:
+    """``[P, G]`` bool: samples every reward scored (no NaN); the others are masked."""
+    return ~torch.isnan(rewards).any(-1)
+
+
+def group_std(x: torch.Tensor, dim: int = 1, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Unbiased std along ``dim`` over the ``valid`` entries (all by default); fewer than two have no spread, so 0
+    instead of NaN."""
+    if valid is None:
+        if x.shape[dim] < 2:
+            return torch.zeros_like(x.select(dim, 0)).unsqueeze(dim)
+        return x.std(dim=dim, keepdim=True)
+    count = valid.sum(dim, keepdim=True)
+    mean = group_mean(x, dim, valid)
+    squares = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x)).sum(dim, keepdim=True)
+    return torch.where(count > 1, (squares / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(squares))
+
+
+def group_mean(x: torch.Tensor, dim: int = 1, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean along ``dim`` over the ``valid`` entries (all by default); 0 where none is valid."""
+    if valid is None:
+        return x.mean(dim=dim, keepdim=True)
+    total = torch.where(valid, x, torch.zeros_like(x)).sum(dim, keepdim=True)
+    return total / valid.sum(dim, keepdim=True).clamp(min=1)
 
 
 def flat_reward_mask(rewards: torch.Tensor, std_tolerance: float) -> torch.Tensor:
-    """``[P, K]`` bool: reward k is flat (carries no ranking) within prompt p's group."""
-    return group_std(rewards, dim=1).squeeze(1) <= std_tolerance
+    """``[P, K]`` bool: reward k is flat (carries no ranking) within prompt p's group, among the scored samples."""
+    scored = scored_samples(rewards)
+    valid = None if bool(scored.all()) else scored.unsqueeze(-1).expand_as(rewards)
+    return group_std(rewards, dim=1, valid=valid).squeeze(1) <= std_tolerance
 
 
 def _standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scale: bool, eps: float,
@@ -73,10 +95,18 @@ def _standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scale: 
 def normalize_per_reward(
     rewards: torch.Tensor, *, scale: bool = True, std_tolerance: float = 1e-6, eps: float = 1e-4
 ) -> torch.Tensor:
-    """Step 1 of the hierarchy: each reward z-scored within its group; a reward flat in a group gives 0 there."""
-    std_k = group_std(rewards, dim=1)
-    z = _standardise(rewards, rewards.mean(dim=1, keepdim=True), std_k, scale, eps, std_tolerance)
-    return z.masked_fill(std_k <= std_tolerance, 0.0)
+    """Step 1 of the hierarchy: each reward z-scored within its group over the scored samples; a reward flat in a
+    group gives 0 there, and so does a masked sample."""
+    scored = scored_samples(rewards)
+    if bool(scored.all()):  # the plain reductions, bit-identical to before masking existed
+        std_k = group_std(rewards, dim=1)
+        z = _standardise(rewards, rewards.mean(dim=1, keepdim=True), std_k, scale, eps, std_tolerance)
+        return z.masked_fill(std_k <= std_tolerance, 0.0)
+    valid = scored.unsqueeze(-1).expand_as(rewards)
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
+    std_k = group_std(rewards, dim=1, valid=valid)
+    z = _standardise(rewards, group_mean(rewards, 1, valid), std_k, scale, eps, std_tolerance)
+    return z.masked_fill((std_k <= std_tolerance) | ~valid, 0.0)
 
 
 def compute_advantages(
@@ -97,33 +127,42 @@ def compute_advantages(
            batch (``"batch"``, equal to TRL's ``normalize_then_sum``). ``"none"`` skips every std division.
     sum_then_normalize (TRL's default):
         f = sum_k w_k r_k;  A = (f - mean_group f) / (std f + eps), std over the group or the batch.
+
+    A sample with a NaN reward (one a reward could not score) is masked: every mean and std is taken over the
+    scored samples only, as if it were not in its group, and its advantage is 0.
     """
     if rewards.dim() != 3:
         raise ValueError(f"rewards must be [num_prompts, num_generations, num_rewards], got {tuple(rewards.shape)}")
-    if not torch.isfinite(rewards).all():
-        raise ValueError("rewards contain NaN or inf; validate them with rewards_to_tensor first")
+    if torch.isinf(rewards).any():
+        raise ValueError("rewards contain inf; validate them with rewards_to_tensor first")
     weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
     if weights.shape != (rewards.shape[-1],):
         raise ValueError(f"got {weights.numel()} reward weights for {rewards.shape[-1]} rewards")
     if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     scale = scale_rewards != "none"
+    valid = scored_samples(rewards)
+    everything_valid = bool(valid.all())
 
     if normalization == "hierarchical":
         z = normalize_per_reward(rewards, scale=scale, std_tolerance=std_tolerance, eps=eps)
         fused = (z * weights).sum(dim=-1)
     elif normalization == "sum_then_normalize":
-        fused = (rewards * weights).sum(dim=-1)
+        fused = (torch.where(valid.unsqueeze(-1), rewards, torch.zeros_like(rewards)) * weights).sum(dim=-1)
     else:
         raise ValueError(f"normalization must be 'hierarchical' or 'sum_then_normalize', got {normalization!r}")
 
-    group_mean = fused.mean(dim=1, keepdim=True)
+    # with every sample scored the unmasked reductions are used, so figures stay bit-identical to before masking
+    mask = None if everything_valid else valid
+    group_centre = group_mean(fused, 1, mask)
     if scale_rewards == "batch":
-        std = fused.std() if fused.numel() > 1 else torch.zeros((), dtype=fused.dtype)
+        flat_valid = fused[valid]
+        std = flat_valid.std() if flat_valid.numel() > 1 else torch.zeros((), dtype=fused.dtype)
         # Hierarchical fused values already have zero group means, so centring on the batch mean is the same thing
         # and matches TRL's normalize_then_sum bit for bit.
-        mean = fused.mean() if normalization == "hierarchical" else group_mean
+        centre = flat_valid.mean() if normalization == "hierarchical" and flat_valid.numel() else group_centre
     else:
-        std = group_std(fused, dim=1)
-        mean = group_mean
-    return _standardise(fused, mean, std, scale, eps, std_tolerance)
+        std = group_std(fused, dim=1, valid=mask)
+        centre = group_centre
+    advantages = _standardise(fused, centre, std, scale, eps, std_tolerance)
+    return advantages if everything_valid else advantages.masked_fill(~valid, 0.0)

@@ -31,14 +31,22 @@ class Rollouts:
     old_logps: torch.Tensor  # [N, C] sampler's log-probs at the sampling temperature
     num_generations: int
     extras: list[dict[str, Any]] = field(default_factory=list)  # per sample: what reward models need (audio, text)
+    # What the sampler knew and the metrics report; an environment that has them should pass them on.
+    entropies: torch.Tensor | None = None  # [N, C] entropy of the sampling distribution at each token
+    stopped: torch.Tensor | None = None  # [N] bool: ended with the stop token; False means it hit the length cap
 
     def __post_init__(self) -> None:
         n = self.completion_ids.shape[0]
         for name in ("prompt_ids", "prompt_mask", "completion_mask", "old_logps"):
             if getattr(self, name).shape[0] != n:
                 raise ValueError(f"Rollouts.{name} has {getattr(self, name).shape[0]} rows, completion_ids has {n}")
-        if self.completion_mask.shape != self.completion_ids.shape or self.old_logps.shape != self.completion_ids.shape:
-            raise ValueError("completion_mask and old_logps must have the shape of completion_ids")
+        for name in ("completion_mask", "old_logps", "entropies"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.completion_ids.shape:
+                raise ValueError(f"Rollouts.{name} must have the shape of completion_ids "
+                                 f"{tuple(self.completion_ids.shape)}, got {tuple(value.shape)}")
+        if self.stopped is not None and self.stopped.shape != (n,):
+            raise ValueError(f"Rollouts.stopped must have shape ({n},), got {tuple(self.stopped.shape)}")
         if n % self.num_generations:
             raise ValueError(f"{n} samples are not whole groups of {self.num_generations}")
         if self.extras and len(self.extras) != n:
@@ -51,6 +59,13 @@ class Rollouts:
     def num_prompts(self) -> int:
         return len(self) // self.num_generations
 
+    @property
+    def truncated(self) -> torch.Tensor:
+        """[N] bool: samples that ended at the length cap (none when the environment does not say)."""
+        if self.stopped is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return ~self.stopped.bool().cpu()
+
     def select_groups(self, groups: Sequence[int]) -> Rollouts:
         rows = [i * self.num_generations + g for i in groups for g in range(self.num_generations)]
         index = torch.tensor(rows, dtype=torch.long)
@@ -58,6 +73,8 @@ class Rollouts:
             self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
             self.completion_mask[index], self.old_logps[index], self.num_generations,
             [self.extras[r] for r in rows] if self.extras else [],
+            None if self.entropies is None else self.entropies[index],
+            None if self.stopped is None else self.stopped[index],
         )
 
     def replace_groups(self, groups: Sequence[int], new: Rollouts) -> Rollouts:
@@ -84,6 +101,13 @@ def concat_rollouts(parts: Sequence[Rollouts], pad_token_id: int = 0) -> Rollout
         raise ValueError("cannot concatenate rollouts with different num_generations")
     p_width = max(p.prompt_ids.shape[1] for p in parts)
     c_width = max(p.completion_ids.shape[1] for p in parts)
+
+    def optional(name: str, pad: bool) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return torch.cat([_pad_to(v, c_width, 0.0, False) if pad else v for v in values])
+
     return Rollouts(
         prompt_ids=torch.cat([_pad_to(p.prompt_ids, p_width, pad_token_id, True) for p in parts]),
         prompt_mask=torch.cat([_pad_to(p.prompt_mask, p_width, 0, True) for p in parts]),
@@ -92,6 +116,8 @@ def concat_rollouts(parts: Sequence[Rollouts], pad_token_id: int = 0) -> Rollout
         old_logps=torch.cat([_pad_to(p.old_logps, c_width, 0.0, False) for p in parts]),
         num_generations=parts[0].num_generations,
         extras=[e for p in parts for e in p.extras],
+        entropies=optional("entropies", pad=True),
+        stopped=optional("stopped", pad=False),
     )
 
 
@@ -108,13 +134,27 @@ class RolloutEnv(Protocol):
         return {}
 
 
+@dataclass
+class Scores:
+    """What a scorer may return instead of a plain mapping, when some samples could not be scored normally.
+
+    ``rewards``: per reward, one value per sample; NaN (or None) where the sample could not be scored for reasons
+    outside the policy (a server refused it, a model failed): the trainer masks such samples out of advantages and
+    loss. ``invalid``: per reward, which samples the policy is to blame for (empty audio, too long, no speech); those
+    keep a real value (the reward's minimum) and are trained on, and only counted here."""
+
+    rewards: Mapping[str, Sequence[float | None]]
+    invalid: Mapping[str, Sequence[bool]] = field(default_factory=dict)
+
+
 @runtime_checkable
 class Scorer(Protocol):
-    """Scores rollouts; returns one list of floats per reward name, aligned with the samples."""
+    """Scores rollouts: one value per sample for each reward name, as a mapping or as :class:`Scores` (any object
+    with its two fields will do, so a scorer need not import the trainer)."""
 
     reward_names: Sequence[str]
 
-    def score(self, rollouts: Rollouts) -> Mapping[str, Sequence[float | None]]: ...
+    def score(self, rollouts: Rollouts) -> Mapping[str, Sequence[float | None]] | Scores: ...
 
     def metrics(self) -> dict[str, float]:
         """Figures of the latest :meth:`score` logged with the step (e.g. ``time/rewards_s``); none by default."""

@@ -88,7 +88,8 @@ class ToyEnv(RolloutEnv):
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             synced_processes=sampling.synced_processes,
         )
-        return Rollouts(ids, mask, out.tokens, out.mask, out.logps, num_generations)
+        return Rollouts(ids, mask, out.tokens, out.mask, out.logps, num_generations, entropies=out.entropy,
+                        stopped=out.stopped)
 
 
 class ToyScorer(Scorer):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vocalign.rlhf.advantages import compute_advantages, normalize_per_reward, rewards_to_tensor
+from vocalign.rlhf.advantages import compute_advantages, normalize_per_reward, rewards_to_tensor, scored_samples
 
 
 def rewards(*columns):
@@ -90,10 +90,50 @@ def test_near_flat_reward_below_tolerance_contributes_nothing():
     assert z[..., 1].abs().max() == 0 and z[..., 0].abs().max() > 0
 
 
-@pytest.mark.parametrize("bad", [float("nan"), None, math.inf])
-def test_missing_or_nonfinite_rewards_are_rejected(bad):
-    with pytest.raises(ValueError, match=r"reward 'cer' has missing or non-finite values at samples \[2\]"):
-        rewards_to_tensor({"cer": [0.1, 0.2, bad, 0.4], "sim": [0.5] * 4}, ["cer", "sim"], 2)
+@pytest.mark.parametrize("missing", [float("nan"), None])
+def test_a_missing_reward_becomes_nan_and_marks_its_sample_unscored(missing):
+    t = rewards_to_tensor({"cer": [0.1, 0.2, missing, 0.4], "sim": [0.5] * 4}, ["cer", "sim"], 2)
+    assert math.isnan(t[1, 0, 0]) and scored_samples(t).tolist() == [[True, True], [False, True]]
+
+
+def test_infinite_rewards_are_rejected():
+    with pytest.raises(ValueError, match=r"reward 'cer' has infinite values at samples \[2\]"):
+        rewards_to_tensor({"cer": [0.1, 0.2, math.inf, 0.4], "sim": [0.5] * 4}, ["cer", "sim"], 2)
+
+
+@pytest.mark.parametrize("normalization", ["hierarchical", "sum_then_normalize"])
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_a_masked_sample_is_as_if_absent_from_its_group(normalization, scale_rewards):
+    # group 0 has a sample no reward could score; its advantage is 0 and the others' are those of the group
+    # without it. Group 1 is whole, so with "batch" the batch statistics also leave the masked sample out.
+    full = torch.tensor([[[0.0, 1.0], [1.0, 3.0], [2.0, 0.0], [9.0, 9.0]],
+                         [[1.0, 0.0], [0.0, 1.0], [3.0, 3.0], [2.0, 2.0]]], dtype=torch.float64)
+    masked = full.clone()
+    masked[0, 3] = float("nan")
+    settings = dict(normalization=normalization, scale_rewards=scale_rewards, eps=0.0)
+    adv = compute_advantages(masked, [1.0, 0.5], **settings)
+    assert adv[0, 3] == 0
+    w = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    if scale_rewards == "batch":  # statistics of the batch's 7 scored samples, worked out group by group
+        if normalization == "hierarchical":  # z-scores per group, fused, then the batch's mean and std
+            fused = torch.cat([normalize_per_reward(g.unsqueeze(0), eps=0.0)[0] @ w for g in (full[0, :3], full[1])])
+            expected = (fused - fused.mean()) / fused.std()
+        else:  # centred on each group's mean, scaled by the std of the batch's fused rewards (as TRL)
+            fused = [g @ w for g in (full[0, :3], full[1])]
+            expected = torch.cat([f - f.mean() for f in fused]) / torch.cat(fused).std()
+        torch.testing.assert_close(torch.cat([adv[0, :3], adv[1]]), expected)
+        return
+    expected0 = compute_advantages(full[:1, :3], [1.0, 0.5], **settings)[0]
+    expected1 = compute_advantages(full[1:], [1.0, 0.5], **settings)[0]
+    torch.testing.assert_close(adv[0, :3], expected0)
+    torch.testing.assert_close(adv[1], expected1)
+
+
+def test_masked_group_by_hand():
+    # rewards [1, 0, NaN, 0.5] with one reward: scored [1, 0, 0.5], mean 0.5, unbiased std 0.5 -> [1, -1, 0, 0]
+    r = rewards([1.0, 0.0, float("nan"), 0.5])
+    adv = compute_advantages(r, [1.0], eps=0.0)
+    assert adv.tolist() == [[1.0, -1.0, 0.0, 0.0]]
 
 
 def test_rewards_to_tensor_shapes_and_errors():
@@ -109,7 +149,7 @@ def test_compute_advantages_rejects_bad_arguments():
     r = rewards([0, 1], [1, 0])
     with pytest.raises(ValueError, match="2 rewards"):
         compute_advantages(r, [1.0])
-    with pytest.raises(ValueError, match="NaN"):
-        compute_advantages(torch.full((1, 2, 1), float("nan")), [1.0])
+    with pytest.raises(ValueError, match="inf"):
+        compute_advantages(torch.full((1, 2, 1), float("inf")), [1.0])
     with pytest.raises(ValueError, match="normalization"):
         compute_advantages(r, [1, 1], normalization="mean")
