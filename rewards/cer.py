@@ -2,6 +2,10 @@
 
 GLM-TTS uses exp(-2.5 * CER), which keeps a useful slope near CER 0 where a well-trained model lives; a linear
 1 - CER is offered for ablations. The transcript travels in ``info`` so the laughter reward can reuse it.
+
+With an ASR that times its words (all built-in backends, see :mod:`asr`), each result also carries ``spans``: where
+in the audio each recognised word was right, wrong or missing (values in :mod:`word_alignment`), so that training can
+credit the speech tokens that made the error. The transcript and the scalar are the same with or without them.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .asr import Transcriber, build_asr
+from .asr import TimedTranscriber, Transcriber, build_asr
 from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
 from .text_norm import error_rate
+from .timed_transcript import TimedTranscript
+from .word_alignment import error_spans
 
 
 def cer_to_reward(cer: float, mapping: str = "exp", scale: float = 2.5) -> float:
@@ -28,11 +34,12 @@ class CERReward:
     name = "cer"
 
     def __init__(self, asr: Mapping[str, Any] | None = None, mapping: str = "exp", scale: float = 2.5,
-                 transcribers: Mapping[str, Transcriber] | None = None) -> None:
+                 transcribers: Mapping[str, Transcriber] | None = None, spans: bool = True) -> None:
         """``asr`` maps a language to a backend spec, e.g. ``{"en": {"kind": "whisper", "model": "..."},
-        "zh": {"kind": "paraformer", "model_dir": "..."}}``; default: pocketsphinx for English."""
+        "zh": {"kind": "paraformer", "model_dir": "..."}}``; default: pocketsphinx for English. ``spans``: say where
+        the errors are, for the languages whose ASR times its words (off: the plain transcription, as before)."""
         cer_to_reward(0.0, mapping, scale)  # validate early
-        self.mapping, self.scale = mapping, scale
+        self.mapping, self.scale, self.spans = mapping, scale, spans
         if transcribers is not None:
             self.transcribers = dict(transcribers)
         else:
@@ -50,11 +57,17 @@ class CERReward:
                                  f"{sorted(self.transcribers)}); add it under the cer reward's `asr` setting")
             audios = [to_model_rate(check_audio(samples[i].audio, samples[i].sample_rate, what=f"sample {i}"),
                                     samples[i].sample_rate) for i in indices]
-            texts = self.transcribers[language].transcribe(audios)
-            for i, hyp in zip(indices, texts):
-                rate = error_rate(samples[i].text, hyp, language)
+            transcriber = self.transcribers[language]
+            timed = self.spans and isinstance(transcriber, TimedTranscriber) and transcriber.times_words
+            transcripts = (transcriber.transcribe_timed(audios) if timed
+                           else [TimedTranscript(text, ()) for text in transcriber.transcribe(audios)])
+            for i, transcript in zip(indices, transcripts, strict=True):
+                sample = samples[i]
+                rate = error_rate(sample.text, transcript.text, language)
+                spans = (error_spans(sample.text, transcript.words, language, len(sample.audio) / sample.sample_rate)
+                         if timed else [])
                 results[i] = RewardResult(cer_to_reward(rate, self.mapping, self.scale),
-                                          {"transcript": hyp, "cer": rate})
+                                          {"transcript": transcript.text, "cer": rate}, spans=spans)
         return results  # type: ignore[return-value]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from .timed_transcript import TimedTranscript, TimedWord
+
 logger = logging.getLogger(__name__)
+_PRONUNCIATION = re.compile(r"\(\d+\)$")  # "read(2)": the dictionary's second pronunciation of "read"
+
+
+def _is_word(name: str) -> bool:
+    """Not a filler: <s>, </s>, <sil>, [NOISE] and the like."""
+    return not (name.startswith("<") or name.startswith("["))
 
 
 def _make_decoder(vocabulary: Sequence[str] | None, jsgf: str | None, options: Mapping[str, Any]) -> Any:
@@ -55,7 +64,7 @@ class _Recogniser:
         self.decoder = _make_decoder(vocabulary, jsgf, options)
         self.initial_cmn = self.decoder.get_cmn(False)
 
-    def __call__(self, pcm: bytes) -> str:
+    def __call__(self, pcm: bytes) -> TimedTranscript:
         decoder = self.decoder
         decoder.reinit_feat()
         decoder.set_cmn(self.initial_cmn)
@@ -63,7 +72,17 @@ class _Recogniser:
         decoder.process_raw(pcm, full_utt=True)
         decoder.end_utt()
         hyp = decoder.hyp()
-        return hyp.hypstr if hyp is not None else ""
+        if hyp is None:
+            return TimedTranscript("", ())
+        return TimedTranscript(hyp.hypstr, self._words())
+
+    def _words(self) -> tuple[TimedWord, ...]:
+        """The best path's words (silences, noises and sentence marks left out; ``word(2)``, an alternative
+        pronunciation, read as ``word``), timed by their frames: a frame is 1/frate s, ``end_frame`` inclusive."""
+        frame_s = 1.0 / float(self.decoder.config["frate"])
+        return tuple(TimedWord(_PRONUNCIATION.sub("", seg.word), seg.start_frame * frame_s,
+                               (seg.end_frame + 1) * frame_s)
+                     for seg in self.decoder.seg() if _is_word(seg.word))
 
 
 def _pcm(audio: np.ndarray) -> bytes:
@@ -78,7 +97,7 @@ def _start_worker(vocabulary: Sequence[str] | None, jsgf: str | None, options: M
     _worker_recogniser = _Recogniser(vocabulary, jsgf, options)
 
 
-def _worker_decode(pcm: bytes) -> str:
+def _worker_decode(pcm: bytes) -> TimedTranscript:
     assert _worker_recogniser is not None, "_start_worker runs first in every pool worker"
     return _worker_recogniser(pcm)
 
@@ -95,6 +114,8 @@ class PocketSphinxASR:
     accepts any sequence of the given words; ``jsgf`` loads a JSGF grammar file; without either the shipped LM is
     used.
     """
+
+    times_words = True  # its word segmentation
 
     def __init__(self, vocabulary: Sequence[str] | None = None, jsgf: str | Path | None = None,
                  decoder_options: Mapping[str, Any] | None = None, workers: int = 1) -> None:
@@ -127,6 +148,10 @@ class PocketSphinxASR:
         return pool
 
     def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]:
+        return [t.text for t in self.transcribe_timed(audios)]
+
+    def transcribe_timed(self, audios: Sequence[np.ndarray]) -> list[TimedTranscript]:
+        """Transcripts with each word's time (pocketsphinx's word segmentation, 10 ms frames)."""
         pcms = [_pcm(a) for a in audios]
         if self._pool is None:
             return [self.recogniser(pcm) for pcm in pcms]
