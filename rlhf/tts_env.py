@@ -87,7 +87,7 @@ class TTSEnv(RolloutEnv):
                    "language": row["language"], "prompt_audio": v[1], "prompt_sample_rate": v[2],
                    "emotion": row.get("emotion")} for a, row, v in zip(audio, rows, per_sample)]
         return Rollouts(ids.cpu(), mask.cpu(), sampled.tokens.cpu(), sampled.mask.cpu(), sampled.logps.cpu(),
-                        num_generations, extras)
+                        num_generations, extras, entropies=sampled.entropy.cpu(), stopped=sampled.stopped.cpu())
 
     def metrics(self) -> dict[str, float]:
         """Seconds the latest rollout spent in the speech LM and in turning tokens into audio."""
