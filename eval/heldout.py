@@ -8,24 +8,36 @@ or stretching silence, to please the recogniser) by reporting the median audio d
 Utterances are synthesised by the run's own rollout environment (one sample per row, batched) and scored by the
 run's own reward plugins: ``error_rate`` is the ``cer`` plugin's per-utterance CER/WER (``info["cer"]``), ``sim``
 the ``sim`` plugin's cosine (``info["cosine"]``); every plugin's reward mean is reported too.
+
+Every process scores its share of the rows and the per-row results are gathered, so that no process idles in a
+collective while another evaluates. The figures do not depend on how many processes share the work: the rows are
+cut into fixed batches of ``batch_size``, batch ``b`` goes to process ``b mod N``, and each batch is sampled from its
+own seed (:func:`batch_seed`); the caller's random state is left as it was, so an evaluation during training does
+not change the training run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
 from vocalign.policies.sampling import RELEASED_SAMPLING, SamplingParams
 from vocalign.rewards.audio import write_audio
 from vocalign.rewards.base import RewardPlugin, Sample, score_all
 from vocalign.rlhf.rollout import RolloutEnv
+
+if TYPE_CHECKING:
+    from vocalign.rlhf.trainer import GRPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +49,8 @@ class HeldoutSettings:
     data: str = "demo"  # prompt rows (JSON lines / parquet, as for training), or `demo` for the demo's held-out set
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     limit: int | None = None  # evaluate the first `limit` rows only (quick checks)
-    batch_size: int = 32
+    batch_size: int = 32  # rows sampled together; the batches are shared out between the processes
+    every_steps: int = 0  # also score the policy being trained every N steps (eval/* in the metrics); 0: off
     save_wavs: int = 3  # utterances whose audio is written for each policy (first seed)
     # sampling as GLM-TTS synthesises, whatever the training schedule was
     temperature: float = RELEASED_SAMPLING.temperature
@@ -52,6 +65,9 @@ class HeldoutSettings:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"eval.limit must be >= 1 or null, got {self.limit}")
+        if self.every_steps < 0:
+            raise ValueError(f"eval.every_steps must be >= 0 (0: no evaluation during training), got "
+                             f"{self.every_steps}")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -87,41 +103,80 @@ def _seed_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return means
 
 
+class Processes(Protocol):
+    """Where this process stands among those of the run (accelerate's ``PartialState`` or ``AcceleratorState``)."""
+
+    process_index: int
+    num_processes: int
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of batch ``batch`` under evaluation seed ``seed``: the evaluation seed itself for the first
+    batch, a different one for each further batch. 32 bits, as torch's CPU generator keeps no more of a seed; the odd
+    multiplier spreads the batches of one seed far from the other seeds' (an evaluation's seeds are small)."""
+    return (seed + batch * 0x9E3779B9) % 2**32
+
+
 @torch.no_grad()
 def score_policy(env: RolloutEnv, model: torch.nn.Module, rows: Sequence[Mapping[str, Any]],
-                 plugins: Sequence[RewardPlugin], settings: HeldoutSettings) -> PolicyScores:
-    """Synthesise every row once per seed with ``model`` and score it."""
+                 plugins: Sequence[RewardPlugin], settings: HeldoutSettings, processes: Processes | None = None,
+                 synced: bool = False) -> PolicyScores:
+    """Synthesise every row once per seed with ``model`` and score it; with ``processes``, each process samples
+    its share of the batches and every process returns the whole result.
+
+    ``synced``: sampling is a collective (DeepSpeed ZeRO-3 over several processes), so every process samples as
+    many batches as the busiest one, and the sampler keeps step until all are done."""
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
+    batches = range(math.ceil(len(rows) / settings.batch_size))
+    mine = batches[rank::world]
+    turns = math.ceil(len(batches) / world) if synced else len(mine)
+    sampling = replace(settings.sampling, synced_processes=synced)
     was_training = model.training
     model.eval()
-    per_row: list[dict[str, Any]] = []
-    per_seed: dict[int, dict[str, float]] = {}
-    audio: list[tuple[np.ndarray, int]] = []
+    scored: list[dict[str, Any]] = []
+    audio: list[tuple[int, np.ndarray, int]] = []
+    device = next(model.parameters()).device
     try:
-        for seed in settings.seeds:
-            torch.manual_seed(seed)
-            seed_rows = []
-            for start in range(0, len(rows), settings.batch_size):
-                chunk = rows[start:start + settings.batch_size]
-                extras = env.rollout(model, chunk, 1, settings.sampling).extras
-                results = score_all(plugins, [Sample.from_mapping(e) for e in extras])
-                for i, extra in enumerate(extras):
-                    row: dict[str, Any] = {"seed": seed, "index": start + i, "text": extra["text"],
-                                           "seconds": len(extra["audio"]) / extra["sample_rate"]}
-                    for name, scored in results.items():
-                        row[f"reward/{name}"] = scored[i].value
-                    if "cer" in results:
-                        row["error_rate"] = results["cer"][i].info["cer"]
-                        row["transcript"] = results["cer"][i].info.get("transcript", "")
-                    if "sim" in results:
-                        row["sim"] = results["sim"][i].info["cosine"]
-                    seed_rows.append(row)
-                    if seed == settings.seeds[0] and len(audio) < settings.save_wavs:
-                        audio.append((extra["audio"], extra["sample_rate"]))
-            per_seed[seed] = _seed_means(seed_rows)
-            per_row.extend(seed_rows)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for seed in settings.seeds:
+                for turn in range(turns):
+                    if turn >= len(mine):  # keep step with the processes that still sample; nothing to keep
+                        env.rollout(model, rows[:settings.batch_size], 1, sampling)
+                        continue
+                    start = mine[turn] * settings.batch_size
+                    torch.manual_seed(batch_seed(seed, mine[turn]))
+                    extras = env.rollout(model, rows[start:start + settings.batch_size], 1, sampling).extras
+                    scored.extend(_score_rows(extras, plugins, seed, start))
+                    if seed == settings.seeds[0]:
+                        audio.extend((start + i, e["audio"], e["sample_rate"]) for i, e in enumerate(extras)
+                                     if start + i < settings.save_wavs)
     finally:
         model.train(was_training)
-    return PolicyScores(per_row, per_seed, audio)
+    if world > 1:
+        scored, audio = gather_object(scored), gather_object(audio)
+    seed_order = {seed: n for n, seed in enumerate(settings.seeds)}
+    scored.sort(key=lambda row: (seed_order[row["seed"]], row["index"]))
+    per_seed = {seed: _seed_means([r for r in scored if r["seed"] == seed]) for seed in settings.seeds}
+    return PolicyScores(scored, per_seed, [(wav, rate) for _, wav, rate in sorted(audio, key=lambda a: a[0])])
+
+
+def _score_rows(extras: Sequence[Mapping[str, Any]], plugins: Sequence[RewardPlugin], seed: int, start: int
+                ) -> list[dict[str, Any]]:
+    """One result row per synthesised utterance: its reward per plugin, CER/WER and transcript, SIM, duration."""
+    results = score_all(plugins, [Sample.from_mapping(e) for e in extras])
+    rows = []
+    for i, extra in enumerate(extras):
+        row: dict[str, Any] = {"seed": seed, "index": start + i, "text": extra["text"],
+                               "seconds": len(extra["audio"]) / extra["sample_rate"]}
+        for name, scored in results.items():
+            row[f"reward/{name}"] = scored[i].value
+        if "cer" in results:
+            row["error_rate"] = results["cer"][i].info["cer"]
+            row["transcript"] = results["cer"][i].info.get("transcript", "")
+        if "sim" in results:
+            row["sim"] = results["sim"][i].info["cosine"]
+        rows.append(row)
+    return rows
 
 
 class HeldoutEvaluation:
@@ -135,8 +190,24 @@ class HeldoutEvaluation:
         self.env, self.plugins, self.rows, self.settings = env, list(plugins), list(rows)[:settings.limit], settings
         self.base_model_dir = Path(base_model_dir)
 
-    def score(self, model: torch.nn.Module) -> PolicyScores:
-        return score_policy(self.env, model, self.rows, self.plugins, self.settings)
+    def score(self, model: torch.nn.Module, processes: Processes | None = None, synced: bool = False
+              ) -> PolicyScores:
+        """Every process calls it (with ``processes``) and gets the same scores; see :func:`score_policy`."""
+        return score_policy(self.env, model, self.rows, self.plugins, self.settings, processes, synced)
+
+    def during_training(self, trainer: GRPOTrainer, steps_done: int) -> dict[str, float] | None:
+        """A trainer step callback: every ``eval.every_steps`` steps, the policy being trained scored on the
+        held-out rows, as ``eval/<metric>`` (mean over seeds) and ``eval/<metric>/seed_spread`` figures."""
+        every = self.settings.every_steps
+        if not every or steps_done % every:
+            return None
+        from trl.models.utils import unwrap_model_for_generation
+
+        t0 = time.perf_counter()
+        with unwrap_model_for_generation(trainer.model, trainer.accelerator) as policy:
+            summary = self.score(policy, trainer.accelerator.state, trainer.setup.synced_generation).summary()
+        figures = {f"eval/{key}": value for key, value in summary.items() if isinstance(value, float)}
+        return {**figures, "time/eval_s": time.perf_counter() - t0}
 
     def trained_policy(self, final_dir: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
         """The policy the trainer saved in ``final_dir``: full weights, or a LoRA adapter over the base model

@@ -1,21 +1,36 @@
-"""Held-out evaluation: per-seed means, spread and relative change by hand, on a test-double environment."""
+"""Held-out evaluation: per-seed means, spread and relative change by hand, on a test-double environment; the
+same figures from one process or two sharing the rows; the evaluation during training."""
 
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.multiprocessing as mp
+from accelerate import PartialState
 
-from vocalign.eval.heldout import HeldoutSettings, PolicyScores, compare, score_policy
+from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings, PolicyScores, compare, format_table, score_policy
 from vocalign.rewards.base import RewardResult
+from vocalign.rlhf.config import GRPOConfig
 from vocalign.rlhf.rollout import Rollouts
+from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
+from vocalign.rlhf.trainer import GRPOTrainer
 
 
 class NoisyEnv:
-    """Test double: audio whose length in samples is 100 * the text's characters plus a torch-random jitter."""
+    """Test double: audio whose length in samples is 100 * the text's characters plus a torch-random jitter drawn
+    row after row (so a row's length depends on the batch it is sampled in, as with batched sampling)."""
+
+    def __init__(self):
+        self.calls, self.synced, self.model_training = 0, [], []
 
     def rollout(self, model, prompts, num_generations, sampling):
+        self.calls += 1
+        self.synced.append(sampling.synced_processes)
+        self.model_training.append(model.training)
         n = len(prompts) * num_generations
         extras = []
         for row in prompts:
@@ -76,3 +91,101 @@ def test_summary_and_comparison_by_hand(tmp_path):
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="at least one seed"):
         HeldoutSettings(seeds=[])
+
+
+SHARED_ROWS = [{"text": "x" * (n + 1)} for n in range(7)]  # 4 batches of 2: process 0 takes 0 and 2, process 1 1 and 3
+SHARED_SETTINGS = HeldoutSettings(seeds=[3, 5], batch_size=2, save_wavs=3)
+ONE_BATCH = HeldoutSettings(seeds=[0, 1], batch_size=8)  # ROWS make one batch: process 1 has none
+
+
+def _score(processes=None, synced=False, rows=SHARED_ROWS, settings=SHARED_SETTINGS):
+    env = NoisyEnv()
+    scores = score_policy(env, torch.nn.Linear(1, 1), rows, [LengthCER()], settings, processes, synced)
+    return {"rows": scores.rows, "per_seed": {str(k): v for k, v in scores.per_seed.items()},
+            "audio": [len(a) for a, _ in scores.audio], "table": format_table({"p": scores.summary()}, ["p"]),
+            "rollouts": env.calls, "synced": env.synced}
+
+
+def _score_as_one_of_two(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    state = PartialState(cpu=True)
+    result = {"plain": _score(state), "synced": _score(state, synced=True),
+              "one_batch": _score(state, synced=True, rows=ROWS, settings=ONE_BATCH)}
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_the_rows_give_the_single_process_figures(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_score_as_one_of_two, args=(port, str(tmp_path)), nprocs=2, join=True)
+    alone = json.loads(json.dumps(_score()))  # through JSON as the processes' results were
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        for mode in ("plain", "synced"):
+            got = rank[mode]
+            assert got["rows"] == alone["rows"] and got["per_seed"] == alone["per_seed"]
+            assert got["table"] == alone["table"] and got["audio"] == alone["audio"]
+    # the wavs kept are the first seed's first three rows
+    assert alone["audio"] == [round(1000 * row["seconds"]) for row in alone["rows"][:3]]
+    assert [r["index"] for r in alone["rows"]] == list(range(7)) * 2 and alone["rollouts"] == 8
+    # each process sampled only its own batches (2 per seed); under ZeRO-3 the one with fewer real batches keeps
+    # step: 4 batches split evenly, so both sample 2 per seed, and the sampler is told to keep step too
+    assert [r["plain"]["rollouts"] for r in ranks] == [4, 4] and not any(ranks[0]["plain"]["synced"])
+    assert all(all(r["synced"]["synced"]) for r in ranks)
+    # with one batch for two processes, the second samples once per seed to keep step and keeps nothing of it
+    one_batch = _score(rows=ROWS, settings=ONE_BATCH)
+    assert [r["one_batch"]["rollouts"] for r in ranks] == [2, 2]
+    assert all(r["one_batch"]["rows"] == one_batch["rows"] for r in ranks)
+
+
+class ProbeEnv(NoisyEnv):
+    """Test double: NoisyEnv that also keeps the model it was given."""
+
+    def rollout(self, model, prompts, num_generations, sampling):
+        self.model = model
+        return super().rollout(model, prompts, num_generations, sampling)
+
+
+def toy_trainer(tmp_path, callbacks):
+    toy = ToyConfig()
+    config = GRPOConfig(output_dir=str(tmp_path), max_steps=5, prompts_per_step=2, num_generations=4,
+                        micro_batch_size=8, learning_rate=3e-3, max_completion_length=8, report_to="none",
+                        reward_weights={"hits": 1.0, "sim": 0.1}, save_steps=1000)
+    return GRPOTrainer(build_toy_model(toy), ToyEnv(toy), ToyScorer(toy), toy_prompts(toy), config,
+                       step_callbacks=callbacks)
+
+
+def test_evaluation_during_training_every_n_steps_leaves_the_run_unchanged(tmp_path):
+    env = ProbeEnv()
+    evaluation = HeldoutEvaluation(env, [LengthCER()], ROWS, HeldoutSettings(seeds=[0, 1], every_steps=2), tmp_path)
+
+    def training_mode(trainer, steps_done):
+        return {"probe/training": float(trainer.accelerator.unwrap_model(trainer.model).training)}
+
+    trainer = toy_trainer(tmp_path / "with", [evaluation.during_training, training_mode])
+    history = trainer.train()
+    plain = toy_trainer(tmp_path / "without", []).train()
+    assert [sorted(k for k in m if k.startswith("eval/")) for m in history] == [
+        [], ["eval/error_rate", "eval/error_rate/seed_spread", "eval/reward/cer", "eval/reward/cer/seed_spread",
+             "eval/seconds_per_char_median", "eval/seconds_per_char_median/seed_spread"], [], ["eval/error_rate",
+             "eval/error_rate/seed_spread", "eval/reward/cer", "eval/reward/cer/seed_spread",
+             "eval/seconds_per_char_median", "eval/seconds_per_char_median/seed_spread"], []]
+    alone = score_policy(NoisyEnv(), torch.nn.Linear(1, 1), ROWS, [LengthCER()], evaluation.settings).summary()
+    assert history[1]["eval/error_rate"] == alone["error_rate"] and history[3]["time/eval_s"] > 0
+    # the policy being trained was scored in eval mode, then trained on in train mode
+    assert env.model is trainer.accelerator.unwrap_model(trainer.model)
+    assert env.model_training == [False] * 4 and all(m["probe/training"] == 1.0 for m in history)
+    # the evaluation leaves the run's random stream alone: the same rewards as a run without it
+    assert [m["reward/mean"] for m in history] == [m["reward/mean"] for m in plain]
+    rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/error_rate" in r] == [1, 3]
+
+
+def test_every_steps_is_checked():
+    with pytest.raises(ValueError, match="eval.every_steps must be >= 0"):
+        HeldoutSettings(every_steps=-1)
