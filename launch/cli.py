@@ -21,18 +21,22 @@ def _train(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("vocalign")
     run, config = load_recipe(args.config, args.set)
-    main_process = process_state().is_main_process
-    # the starting policy is scored before the trainer wraps it (LoRA, DeepSpeed) or a resume loads trained weights
-    before = run.heldout.score(run.model) if run.heldout is not None and main_process else None
-    trainer = GRPOTrainer(run.model, run.env, run.scorer, run.prompts, config)
+    processes, heldout = process_state(), run.heldout
+    # every process scores its share of the held-out rows; the starting policy before the trainer wraps it (LoRA,
+    # DeepSpeed) or a resume loads trained weights, the policy being trained every eval.every_steps steps
+    before = heldout.score(run.model, processes) if heldout is not None else None
+    trainer = GRPOTrainer(run.model, run.env, run.scorer, run.prompts, config,
+                          step_callbacks=[heldout.during_training] if heldout is not None else [])
     trainer.train()
-    if main_process:
+    if heldout is not None:
+        trainer.accelerator.wait_for_everyone()  # the main process writes final/
+        after = heldout.score(heldout.trained_policy(trainer.output_dir / "final", trainer.accelerator.device),
+                              processes)
+    if processes.is_main_process:
         png = plot_reward_curves({config.run_name or "run": read_metrics(trainer.metrics_path)},
                                  trainer.output_dir / "reward_curves.png")
         log.info("metrics: %s  plot: %s", trainer.metrics_path, png)
-        if run.heldout is not None:
-            after = run.heldout.score(run.heldout.trained_policy(trainer.output_dir / "final",
-                                                                 trainer.accelerator.device))
+        if heldout is not None:
             compare({"sft": before, "grpo": after}, trainer.output_dir)
     return 0
 

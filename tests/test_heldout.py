@@ -5,6 +5,7 @@ import json
 import os
 import socket
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import soundfile as sf
@@ -13,6 +14,7 @@ import torch.multiprocessing as mp
 from accelerate import PartialState
 
 from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings, PolicyScores, compare, format_table, score_policy
+from vocalign.eval.plots import curve_panels, plot_reward_curves
 from vocalign.rewards.base import RewardResult
 from vocalign.rlhf.config import GRPOConfig
 from vocalign.rlhf.rollout import Rollouts
@@ -189,3 +191,17 @@ def test_evaluation_during_training_every_n_steps_leaves_the_run_unchanged(tmp_p
 def test_every_steps_is_checked():
     with pytest.raises(ValueError, match="eval.every_steps must be >= 0"):
         HeldoutSettings(every_steps=-1)
+
+
+def test_reward_curves_get_the_held_out_curve_against_steps_done(tmp_path):
+    rows = [{"step": s, "reward/mean": 0.1 * s, "rewards/cer/mean": 0.2 * s} for s in range(4)]
+    rows[1].update({"eval/error_rate": 0.5, "eval/sim": 0.6})
+    rows[3].update({"eval/error_rate": 0.4, "eval/sim": 0.7})
+    panels = curve_panels({"run": rows})
+    assert list(panels) == ["reward", "cer", "held-out error_rate", "held-out sim"]
+    assert panels["held-out error_rate"]["run"] == [(2, 0.5), (4, 0.4)]  # the policies after 2 and 4 steps
+    assert panels["cer"]["run"] == [(s, 0.2 * s) for s in range(4)]
+    without = [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in rows]
+    assert list(curve_panels({"run": without})) == ["reward", "cer"]
+    png = plot_reward_curves({"run": rows}, tmp_path / "curves.png")
+    assert plt.imread(png).shape[1] == 4 * 400  # four panels of 4 inches at 100 dpi
