@@ -84,6 +84,9 @@ class GRPOConfig:
     top_p: float | None = None
     max_completion_length: int = 256
     min_completion_length: int = 0
+    disable_dropout: bool = True  # as TRL: dropout off in every forward of policy and reference, so the first ratio is 1
+    mask_truncated_completions: bool = False  # as TRL: completions that hit the length cap are left out of the loss
+    group_by_length: bool = True  # micro-batches of similar completion lengths, each padded to its own widest row
 
     # rewards
     reward_weights: dict[str, float] = field(default_factory=dict)  # a reward not listed weighs 1.0
@@ -92,6 +95,11 @@ class GRPOConfig:
     std_tolerance: float = 1e-6
     advantage_eps: float = 1e-4
     resample: ResampleConfig = field(default_factory=ResampleConfig)
+    # Samples no reward could score (a server refused them, a model failed) are masked out of advantages and loss;
+    # above this share of a step's samples the run stops. Invalid samples (the policy's fault: empty audio, too long)
+    # are trained on at the reward's minimum; above max_invalid_frac the run stops too (1.0: never).
+    max_masked_frac: float = 0.1
+    max_invalid_frac: float = 1.0
     schedule: Schedule = field(default_factory=Schedule)
 
     lora: LoraSettings | None = None
@@ -134,6 +142,9 @@ class GRPOConfig:
                              f"{self.save_total_limit}")
         if not isinstance(self.resume, bool) and self.resume != "force":
             raise ValueError(f"resume must be true, false or \"force\", got {self.resume!r}")
+        for name in ("max_masked_frac", "max_invalid_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a share of a step's samples, in [0, 1]; got {getattr(self, name)}")
         if self.report_to not in ("wandb", "none"):
             raise ValueError(f"report_to must be 'wandb' or 'none', got {self.report_to!r}")
 

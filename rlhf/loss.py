@@ -56,6 +56,7 @@ class SurrogateTerms:
     clipped_low: torch.Tensor  # [B, T] bool: ratio below 1 - eps_low with A < 0 (gradient cut)
     clipped_high: torch.Tensor  # [B, T] bool: ratio above 1 + eps_high with A > 0
     kl: torch.Tensor | None  # [B, T] k3 estimate, None when beta == 0
+    log_ratio: torch.Tensor  # [B, T] log(pi / pi_old), detached: how far the update has moved from the sampler
 
 
 def clipped_surrogate(
@@ -89,7 +90,7 @@ def clipped_surrogate(
     with torch.no_grad():
         clipped_low = (ratio < 1 - epsilon_low) & (advantages < 0)
         clipped_high = (ratio > 1 + epsilon_high) & (advantages > 0)
-    return SurrogateTerms(per_token_loss, clipped_low, clipped_high, kl)
+    return SurrogateTerms(per_token_loss, clipped_low, clipped_high, kl, (logps - old_logps).detach())
 
 
 def aggregate(

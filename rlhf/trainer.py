@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,11 +26,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from trl.models.utils import unwrap_model_for_generation
 
-from .advantages import compute_advantages, rewards_to_tensor
+from .advantages import compute_advantages, rewards_to_tensor, scored_samples
+from .batching import plan_micro_batches
 from .checkpointing import save_checkpoint, save_final
 from .config import GRPOConfig
 from .loss import aggregate, clipped_surrogate, completion_logps
-from .metrics import MetricsLog, UpdateStats, batch_metrics, reward_metrics
+from .metrics import MetricsLog, UpdateStats, batch_metrics, check_unscored_share, completion_metrics, peak_memory_gb, reward_metrics
 from .resampling import flat_groups, select_for_resampling
 from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer
 from .schedules import StepHyperparams
@@ -117,45 +118,50 @@ class GRPOTrainer:
                                   min_new_tokens=cfg.min_completion_length,
                                   synced_processes=self.setup.synced_generation)
         t0 = time.perf_counter()
-        rollouts, rewards, rounds, still_flat = self.generate_and_score(prompts, sampling)
+        rollouts, rewards, invalid, rounds, still_flat = self.generate_and_score(prompts, sampling)
         self.last_rollouts = rollouts
         t_rollout = time.perf_counter() - t0
 
         # advantages over the whole batch: gather every process's rewards, compute, keep our slice
         all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()
-        all_still_flat = accelerator.gather(still_flat.to(accelerator.device)).cpu()
+        all_invalid = accelerator.gather(invalid.to(accelerator.device)).cpu().bool()
+        all_still_flat = accelerator.gather(still_flat.to(accelerator.device)).cpu().bool()
+        check_unscored_share(all_rewards, all_invalid, self.reward_names, cfg.max_masked_frac, cfg.max_invalid_frac)
         advantages = compute_advantages(
             all_rewards, self.reward_weights, normalization=cfg.normalization, scale_rewards=cfg.scale_rewards,
             std_tolerance=cfg.std_tolerance, eps=cfg.advantage_eps)
         advantages[all_still_flat] = 0.0  # a group still flat after resampling carries no signal
         mine = slice(accelerator.process_index * len(prompts), (accelerator.process_index + 1) * len(prompts))
+        scored = scored_samples(all_rewards)[mine].reshape(-1)
 
         t1 = time.perf_counter()
-        stats = self.optimise(rollouts, advantages[mine].reshape(-1).float(), hp)
+        stats = self.optimise(rollouts, advantages[mine].reshape(-1).float(), scored, hp)
         t_update = time.perf_counter() - t1
 
         return {
-            **reward_metrics(all_rewards, advantages, all_still_flat, self.reward_names, self.reward_weights,
-                             cfg.std_tolerance, cfg.advantage_eps),
+            **reward_metrics(all_rewards, all_invalid, advantages, all_still_flat, self.reward_names,
+                             self.reward_weights, cfg.std_tolerance, cfg.advantage_eps),
             **stats, **batch_metrics(accelerator, rollouts, rounds, cfg.num_generations),
+            **completion_metrics(accelerator, rollouts, all_rewards, self.reward_weights),
             "schedule/epsilon": hp.epsilon, "schedule/epsilon_high": hp.epsilon_high,
             "schedule/temperature": hp.temperature, "lr": self.setup.lr_scheduler.get_last_lr()[0],
-            "time/rollout_s": t_rollout, "time/update_s": t_update,
+            "time/rollout_s": t_rollout, "time/update_s": t_update, "memory/peak_gb": peak_memory_gb(accelerator),
             **self.env.metrics(), **self.scorer.metrics(),  # their own figures: stage timings, server failures
         }
 
     # ------------------------------------------------------------------ rollouts and rewards
     def generate_and_score(
         self, prompts: Sequence[Any], sampling: SamplingParams
-    ) -> tuple[Rollouts, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rollouts and rewards ``[P, G, K]``, with flat groups resampled within budget.
+    ) -> tuple[Rollouts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rollouts, rewards ``[P, G, K]`` (NaN where a sample could not be scored) and which of them are invalid,
+        with flat groups resampled within budget.
 
         Returns also how often each prompt was resampled and which groups are still flat.
         """
         cfg, res = self.config, self.config.resample
         g = cfg.num_generations
         rollouts = self._rollout(prompts, sampling)
-        rewards = self._score(rollouts)
+        rewards, invalid = self._score(rollouts)
         rounds = torch.zeros(len(prompts), dtype=torch.long)
         budget = res.max_total if res.max_total is not None else len(prompts) * g
 
@@ -173,11 +179,11 @@ class GRPOTrainer:
                 continue
             fresh = self._rollout([prompts[i] for i in chosen], sampling)
             rollouts = rollouts.replace_groups(chosen, fresh)
-            rewards[chosen] = self._score(fresh)
+            rewards[chosen], invalid[chosen] = self._score(fresh)
             rounds[chosen] += 1
             budget -= len(chosen) * g
         still_flat = is_flat() if res.enabled else torch.zeros(len(prompts), dtype=torch.bool)
-        return rollouts, rewards, rounds, still_flat
+        return rollouts, rewards, invalid, rounds, still_flat
 
     def _rollout(self, prompts: Sequence[Any], sampling: SamplingParams) -> Rollouts:
         with unwrap_model_for_generation(self.model, self.accelerator) as policy:
@@ -188,8 +194,16 @@ class GRPOTrainer:
             finally:
                 policy.train(was_training)
 
-    def _score(self, rollouts: Rollouts) -> torch.Tensor:
-        return rewards_to_tensor(self.scorer.score(rollouts), self.reward_names, rollouts.num_generations)
+    def _score(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards ``[P, G, K]`` and the invalid flags ``[P, G, K]`` the scorer gave (see ``rollout.Scores``)."""
+        scored = self.scorer.score(rollouts)
+        values, flags = (scored, {}) if isinstance(scored, Mapping) else (scored.rewards, scored.invalid)
+        rewards = rewards_to_tensor(values, self.reward_names, rollouts.num_generations)
+        invalid = torch.zeros(rewards.shape, dtype=torch.bool)
+        for k, name in enumerate(self.reward_names):
+            if name in flags:
+                invalid[..., k] = torch.tensor([bool(f) for f in flags[name]]).view(rewards.shape[:2])
+        return rewards, invalid
 
     def _any_process(self, flag: bool) -> bool:
         if not self.setup.synced_generation:
@@ -198,40 +212,54 @@ class GRPOTrainer:
         return bool(flags.sum().item() > 0)
 
     # ------------------------------------------------------------------ the update
-    def optimise(self, rollouts: Rollouts, advantages: torch.Tensor, hp: StepHyperparams) -> dict[str, float]:
+    def optimise(self, rollouts: Rollouts, advantages: torch.Tensor, scored: torch.Tensor,
+                 hp: StepHyperparams) -> dict[str, float]:
+        """``num_iterations`` optimizer steps on this process's samples. ``scored`` ``[N]`` says which samples every
+        reward scored; the others (and, with ``mask_truncated_completions``, those cut at the length cap) take no
+        part in the loss or its normaliser."""
         cfg, accelerator, device = self.config, self.accelerator, self.accelerator.device
-        input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1).to(device)
-        attention = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1).to(device)
-        mask, old_logps = rollouts.completion_mask.to(device), rollouts.old_logps.to(device)
+        keep = scored.bool() & ~rollouts.truncated if cfg.mask_truncated_completions else scored.bool()
+        mask = (rollouts.completion_mask * keep.unsqueeze(1)).to(device)
+        prompt_ids, prompt_mask = rollouts.prompt_ids.to(device), rollouts.prompt_mask.to(device)
+        completion_ids, old_logps = rollouts.completion_ids.to(device), rollouts.old_logps.to(device)
         advantages = advantages.to(device)
-        width = rollouts.completion_ids.shape[1]
-        micro_batches = torch.arange(len(mask)).split(cfg.micro_batch_size)
+        plan = plan_micro_batches(rollouts.prompt_mask, rollouts.completion_mask, cfg.micro_batch_size,
+                                  cfg.group_by_length)
+
+        def inputs(mb):  # one micro-batch's rows, trimmed to its own widest prompt and completion
+            ids = torch.cat([prompt_ids[mb.rows, mb.prompt_start:], completion_ids[mb.rows, :mb.width]], 1)
+            attention = torch.cat([prompt_mask[mb.rows, mb.prompt_start:],
+                                   rollouts.completion_mask[mb.rows, :mb.width].to(device)], 1)
+            return ids, attention
+
         ref_logps = None
         if cfg.beta > 0:  # scored at the policy's temperature so that k3 compares like with like (as TRL does)
             with torch.no_grad(), reference_policy(self.setup) as ref:
-                ref_logps = torch.cat([completion_logps(ref, input_ids[i], attention[i], width, hp.temperature)
-                                       for i in micro_batches])
+                ref_logps = [completion_logps(ref, *inputs(mb), mb.width, hp.temperature) for mb in plan]
         # Normalisers of the whole batch. DDP averages gradients over processes, so token_mean divides by the
         # global token count over the process count, exactly as TRL does.
         num_tokens = accelerator.gather(mask.sum().float()).sum().item() / accelerator.num_processes
+        num_sequences = accelerator.gather(keep.sum().float().to(device)).sum().item() / accelerator.num_processes
         stats = UpdateStats(cfg.num_iterations, num_tokens * accelerator.num_processes)
         self.model.train()
         for _ in range(cfg.num_iterations):
-            for index in torch.randperm(len(mask)).split(cfg.micro_batch_size):
+            for k in torch.randperm(len(plan)).tolist():
+                mb = plan[k]
+                rows, width = mb.rows, mb.width
                 with accelerator.accumulate(self.model):
-                    logps = completion_logps(self.model, input_ids[index], attention[index], width, hp.temperature)
+                    logps = completion_logps(self.model, *inputs(mb), width, hp.temperature)
                     terms = clipped_surrogate(
-                        logps, old_logps[index], advantages[index], epsilon_low=hp.epsilon,
+                        logps, old_logps[rows, :width], advantages[rows], epsilon_low=hp.epsilon,
                         epsilon_high=hp.epsilon_high, beta=cfg.beta,
-                        ref_logps=None if ref_logps is None else ref_logps[index])
-                    loss = aggregate(terms.per_token_loss, mask[index], cfg.loss_type, num_tokens=num_tokens,
-                                     num_sequences=len(mask), max_completion_length=cfg.max_completion_length)
+                        ref_logps=None if ref_logps is None else ref_logps[k])
+                    loss = aggregate(terms.per_token_loss, mask[rows, :width], cfg.loss_type, num_tokens=num_tokens,
+                                     num_sequences=num_sequences, max_completion_length=cfg.max_completion_length)
                     # accelerate divides by the accumulation count; our normaliser already covers the whole batch
                     accelerator.backward(loss * self.setup.accumulation_steps)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         stats.add_grad_norm(accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
                     self.setup.optimizer.step()
                     self.setup.optimizer.zero_grad()
-                stats.add(loss, terms, mask[index])
+                stats.add(loss, terms, mask[rows, :width])
             self.setup.lr_scheduler.step()
         return stats.reduce(accelerator)

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 from trl.models.utils import prepare_deepspeed
+from trl.trainer.utils import disable_dropout_in_model
 
 from .checkpointing import config_changes, config_record, latest_checkpoint, load_checkpoint, read_state
 from .config import GRPOConfig, wrap_lora
@@ -89,6 +90,8 @@ def prepare_training(model: torch.nn.Module, config: GRPOConfig, accelerator: Ac
 
     if config.lora is not None:
         model = wrap_lora(model, config.lora)
+    if config.disable_dropout:  # before the reference is copied, so both are deterministic
+        disable_dropout(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     # The reference for the KL term: the adapter switched off with LoRA, otherwise a frozen copy.
@@ -113,6 +116,16 @@ def prepare_training(model: torch.nn.Module, config: GRPOConfig, accelerator: Ac
                 accelerator.distributed_type.value, steps, config.micro_batch_size)
     return TrainingSetup(accelerator, model, optimizer, lr_scheduler, ref_model, steps,
                          generation_is_collective(accelerator), config)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for good, in training mode too: the update's log-probs must be those the sampler saw (ratio 1 at
+    the first iteration) and the reference's must not be noisy. TRL's helper zeroes ``nn.Dropout`` modules (LoRA's
+    ``lora_dropout`` among them); attention dropout in transformers is a float attribute read at each forward."""
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 @contextlib.contextmanager

@@ -65,9 +65,9 @@ class RecordingTrainer(GRPOTrainer):
         self.record.append({"prompts": [p["index"] for p in prompts]})
         return super().train_step(prompts, hp)
 
-    def optimise(self, rollouts, advantages, hp):
+    def optimise(self, rollouts, advantages, scored, hp):
         self.record[-1]["advantages"] = advantages.tolist()
-        return super().optimise(rollouts, advantages, hp)
+        return super().optimise(rollouts, advantages, scored, hp)
 
 
 def main(out_dir: str, deepspeed_config: str | None = None) -> None:
