@@ -3,7 +3,9 @@
 The speech LM samples (with the trainer's policy, temperature and length bounds), then the codec's decoder (flow
 matching and the vocoder for GLM-TTS) turns every sample into audio, all batched and kept in memory. Each sample's
 extras hold the audio, its text, language, voice prompt and emotion, which is what
-:class:`vocalign.rewards.scorer.RewardScorer` turns into reward plugin samples.
+:class:`vocalign.rewards.scorer.RewardScorer` turns into reward plugin samples, and the codec's ``token_rate_hz`` and
+``token_delay_s``, which map a reward's spans (seconds of that audio) to the sample's tokens
+(:mod:`vocalign.rlhf.token_credit`).
 
 Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text``, ``language``, ``prompt_wav``
 (a path, relative to the data file), ``prompt_text`` and an optional ``emotion``.
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vocalign.policies.codec import GLMTTSCodec, MelUnitCodec, SpeechCodec
 from vocalign.policies.pipeline import TTSPipeline, VoicePrompt
 from vocalign.rewards.audio import check_audio_file, read_audio
 
@@ -55,9 +58,21 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def token_timing(codec: SpeechCodec) -> dict[str, float]:
+    """``{"token_rate_hz", "token_delay_s"}`` of the audio ``codec`` decodes: 25 Hz and no delay for both built-in
+    codecs (see :mod:`vocalign.rlhf.token_credit` for why no delay); empty for a codec this does not know, whose
+    samples then get no token-level credit."""
+    if isinstance(codec, MelUnitCodec):
+        return {"token_rate_hz": float(codec.units.cfg.code_rate), "token_delay_s": 0.0}
+    if isinstance(codec, GLMTTSCodec):
+        return {"token_rate_hz": float(codec.flow.cfg.input_frame_rate), "token_delay_s": 0.0}
+    return {}
+
+
 class TTSEnv(RolloutEnv):
     def __init__(self, pipeline: TTSPipeline, flow_steps: int = 10) -> None:
         self.pipeline, self.flow_steps = pipeline, flow_steps
+        self.token_timing = token_timing(pipeline.codec)
         self._voices: dict[tuple[str, str], VoicePrompt] = {}
         self._prompt_audio: dict[str, tuple[np.ndarray, int]] = {}
         self._timings: dict[str, float] = {}
@@ -85,7 +100,7 @@ class TTSEnv(RolloutEnv):
         rows = [r for r in prompts for _ in range(num_generations)]
         extras = [{"audio": a, "sample_rate": self.pipeline.sample_rate, "text": row["text"],
                    "language": row["language"], "prompt_audio": v[1], "prompt_sample_rate": v[2],
-                   "emotion": row.get("emotion")} for a, row, v in zip(audio, rows, per_sample)]
+                   "emotion": row.get("emotion"), **self.token_timing} for a, row, v in zip(audio, rows, per_sample)]
         return Rollouts(ids.cpu(), mask.cpu(), sampled.tokens.cpu(), sampled.mask.cpu(), sampled.logps.cpu(),
                         num_generations, extras, entropies=sampled.entropy.cpu(), stopped=sampled.stopped.cpu())
 

@@ -6,6 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from vocalign.policies.checkpoints import write_tiny_checkpoint
+from vocalign.policies.codec import MelUnitCodec
+from vocalign.policies.mel_units import MelUnits
+from vocalign.policies.pipeline import TTSPipeline
 from vocalign.rewards.asr import ParaformerASR, WhisperASR
 from vocalign.rewards.base import Sample
 from vocalign.rewards.cer import CERReward
@@ -13,7 +17,9 @@ from vocalign.rewards.text_norm import error_rate
 from vocalign.rewards.timed_transcript import TimedTranscript, TimedWord
 from vocalign.rewards.word_alignment import error_spans
 from vocalign.rlhf.token_credit import token_value_grid, token_values
+from vocalign.rlhf.tts_env import TTSEnv, token_timing
 
+from .conftest import REPO
 from .test_rewards_cer import tiny_whisper_folder, write_paraformer_folder
 
 # "one two three four" heard at 25 Hz-friendly times: each word 0.2 s, 0.08 s apart (2 token slots)
@@ -130,3 +136,14 @@ def test_paraformer_times_each_character(tmp_path):
         assert [w.word for w in t.words] == list(t.text)
         starts = [w.start_s for w in t.words]
         assert starts == sorted(starts) and all(0.0 <= w.start_s < w.end_s <= 2.0 for w in t.words)
+
+
+def test_the_env_records_each_codecs_token_rate_and_the_decoded_audio_keeps_it(tmp_path):
+    demo = MelUnitCodec(MelUnits.load(REPO / "policies" / "demo" / "ckpt" / "mel_units"))
+    assert token_timing(demo) == {"token_rate_hz": 25.0, "token_delay_s": 0.0}
+    assert len(demo.decode([[3] * 50], [None])[0]) / demo.sample_rate == 50 / 25.0
+    glm = TTSPipeline.from_pretrained(write_tiny_checkpoint(tmp_path / "ckpt"))
+    assert TTSEnv(glm).token_timing == {"token_rate_hz": 25.0, "token_delay_s": 0.0}
+    voice = glm.prepare_prompt((0.1 * np.sin(np.arange(16000) / 7)).astype(np.float32), 16000, "hi")
+    audio = glm.codec.decode([[1] * 20], [voice], flow_steps=1)[0]
+    assert len(audio) / glm.codec.sample_rate == 20 / 25.0
