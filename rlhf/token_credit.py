@@ -5,6 +5,8 @@ token_rate_hz)``: 25 Hz for GLM-TTS (its Whisper-VQ tokens, stretched two mel fr
 demo's mel units (two 50 Hz frames per code). Neither codec shifts its audio against its tokens (the flow is not
 causal and drops the prompt's frames; HiFT and Griffin-Lim are centred), so both environments record ``delay_s`` 0;
 the residue (the flow's prompt-frame rounding, Griffin-Lim's half-frame centring) is at most 20 ms, half a slot.
+Completion token k is code k (``SpeechLM.codes``): the stop token, last, made no audio and no span reaches it; a
+drawn non-speech token (possible only without ``speech_only``) has no code and shifts the tokens after it by one.
 
 A token gets the sum of the values of the spans that overlap its slot (a token straddling a wrong word and the next
 gets the wrong word's value) and is *touched* when any span overlaps it; a token no span overlaps gets 0, untouched,
