@@ -251,14 +251,48 @@ def score_all(plugins: Sequence[RewardPlugin], samples: Sequence[Sample]) -> dic
         return {name: future.result() for name, future in futures.items()}
 
 
+MAX_SAMPLE_SECONDS = 60.0  # longer than any utterance a TTS policy should produce, and than rewards accept
+
+
+def screen(sample: Sample) -> RewardResult | None:
+    """What a sample earns before any plugin sees it, or None when it can be scored.
+
+    Empty audio (the policy stopped at once, or drew nothing but non-speech tokens) and audio longer than
+    :data:`MAX_SAMPLE_SECONDS` are the policy's outputs: invalid, at each plugin's minimum. Non-finite samples come
+    from the synthesis pipeline, not the policy: failed, so masked."""
+    audio = np.asarray(sample.audio)
+    if audio.size == 0:
+        return RewardResult(0.0, {}, INVALID, "empty audio")
+    if audio.size / sample.sample_rate > MAX_SAMPLE_SECONDS:
+        return RewardResult(0.0, {}, INVALID, f"{audio.size / sample.sample_rate:.0f} s of audio, over the "
+                                              f"{MAX_SAMPLE_SECONDS:.0f} s rewards accept")
+    if not np.isfinite(audio).all():
+        return RewardResult.failed("the audio has NaN or inf samples (a synthesis fault)")
+    return None
+
+
 def _score_one(plugin: RewardPlugin, samples: Sequence[Sample],
                upstream: Mapping[str, Future[list[RewardResult]]]) -> list[RewardResult]:
-    if upstream:  # one thread per plugin, and upstream ones were submitted first: waiting here cannot deadlock
-        out = plugin.score(samples, upstream={n: f.result() for n, f in upstream.items()})  # type: ignore[call-arg]
-    else:
-        out = plugin.score(samples)
-    if len(out) != len(samples):
-        raise RuntimeError(f"reward {plugin.name!r} returned {len(out)} results for {len(samples)} samples")
-    for i, (result, sample) in enumerate(zip(out, samples)):
-        check_spans(result.spans, len(sample.audio) / sample.sample_rate, f"reward {plugin.name!r}, sample {i}")
-    return list(out)
+    """``plugin``'s results for ``samples``; samples :func:`screen` rejects, or that a required plugin could not
+    score, get their result here and are not handed to the plugin."""
+    needed = {n: f.result() for n, f in upstream.items()}  # upstream plugins were submitted first: no deadlock
+    results: list[RewardResult | None] = [None] * len(samples)
+    for i, sample in enumerate(samples):
+        if (early := screen(sample)) is not None:
+            results[i] = RewardResult.invalid(plugin, early.reason) if early.status == INVALID else early
+        elif failed := sorted(n for n, r in needed.items() if r[i].status == FAILED):
+            results[i] = RewardResult.failed(f"{', '.join(failed)} could not score it")
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        subset = [samples[i] for i in todo]
+        if needed:
+            out = plugin.score(subset, upstream={n: [r[i] for i in todo] for n, r in needed.items()})  # type: ignore[call-arg]
+        else:
+            out = plugin.score(subset)
+        if len(out) != len(subset):
+            raise RuntimeError(f"reward {plugin.name!r} returned {len(out)} results for {len(subset)} samples")
+        for i, result in zip(todo, out):
+            check_spans(result.spans, len(samples[i].audio) / samples[i].sample_rate,
+                        f"reward {plugin.name!r}, sample {i}")
+            results[i] = result
+    return results  # type: ignore[return-value]

@@ -8,12 +8,16 @@ batch it is given, so this package needs nothing from ``rlhf``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .base import RewardPlugin, Sample, build_reward, score_all
+from .base import FAILED, INVALID, RewardPlugin, Sample, build_reward, score_all
 from .client import RemoteReward
+
+logger = logging.getLogger(__name__)
 
 
 def build_plugin(spec: Mapping[str, Any]) -> RewardPlugin:
@@ -34,6 +38,15 @@ class ScoredBatch(Protocol):
     extras: list[dict[str, Any]]
 
 
+@dataclass
+class RewardScores:
+    """The trainer's ``Scores`` by shape: values per reward (NaN where a sample failed, masked by the trainer) and
+    which samples were invalid (the policy's fault, valued at the reward's minimum)."""
+
+    rewards: dict[str, list[float]]
+    invalid: dict[str, list[bool]]
+
+
 class RewardScorer:
     """Scores batches whose extras describe utterances (see ``vocalign.rlhf.tts_env.TTSEnv``) with reward plugins.
 
@@ -47,14 +60,20 @@ class RewardScorer:
         self.reward_names = [p.name for p in self.plugins]
         self._timing = 0.0
 
-    def score(self, rollouts: ScoredBatch) -> dict[str, list[float]]:
+    def score(self, rollouts: ScoredBatch) -> RewardScores:
         samples = [Sample.from_mapping(e) for e in rollouts.extras]
         t0 = time.perf_counter()
         results = score_all(self.plugins, samples)
         self._timing = time.perf_counter() - t0
         for i, extra in enumerate(rollouts.extras):
             extra["scores"] = {name: scored[i] for name, scored in results.items()}
-        return {name: [r.value for r in scored] for name, scored in results.items()}
+        for name, scored in results.items():
+            failed = [(i, r.reason) for i, r in enumerate(scored) if r.status == FAILED]
+            if failed:
+                logger.warning("reward %r could not score %d of %d samples (masked), e.g. sample %d: %s", name,
+                               len(failed), len(scored), *failed[0])
+        return RewardScores({name: [r.value for r in scored] for name, scored in results.items()},
+                            {name: [r.status == INVALID for r in scored] for name, scored in results.items()})
 
     def sample_rows(self, rollouts: ScoredBatch, n: int) -> list[dict[str, Any]]:
         """The first ``n`` scored samples of ``rollouts``, for a table of audio, text, rewards and transcripts."""
