@@ -201,6 +201,11 @@ class HeldoutEvaluation:
         every = self.settings.every_steps
         if not every or steps_done % every:
             return None
+        cfg = trainer.config
+        if (steps_done - 1) % cfg.logging_steps and steps_done != cfg.max_steps:
+            logger.warning("the held-out figures after step %d are not written: with trainer.logging_steps=%d that "
+                           "step's metrics are not logged; set trainer.logging_steps=1 to log every evaluation",
+                           steps_done, cfg.logging_steps)
         from trl.models.utils import unwrap_model_for_generation
 
         t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 same figures from one process or two sharing the rows; the evaluation during training."""
 
 import json
+import logging
 import os
 import socket
 
@@ -153,11 +154,12 @@ class ProbeEnv(NoisyEnv):
         return super().rollout(model, prompts, num_generations, sampling)
 
 
-def toy_trainer(tmp_path, callbacks):
+def toy_trainer(tmp_path, callbacks, **overrides):
     toy = ToyConfig()
-    config = GRPOConfig(output_dir=str(tmp_path), max_steps=5, prompts_per_step=2, num_generations=4,
-                        micro_batch_size=8, learning_rate=3e-3, max_completion_length=8, report_to="none",
-                        reward_weights={"hits": 1.0, "sim": 0.1}, save_steps=1000)
+    settings = dict(output_dir=str(tmp_path), max_steps=5, prompts_per_step=2, num_generations=4, micro_batch_size=8,
+                    learning_rate=3e-3, max_completion_length=8, report_to="none",
+                    reward_weights={"hits": 1.0, "sim": 0.1}, save_steps=1000)
+    config = GRPOConfig(**{**settings, **overrides})
     return GRPOTrainer(build_toy_model(toy), ToyEnv(toy), ToyScorer(toy), toy_prompts(toy), config,
                        step_callbacks=callbacks)
 
@@ -186,6 +188,17 @@ def test_evaluation_during_training_every_n_steps_leaves_the_run_unchanged(tmp_p
     assert [m["reward/mean"] for m in history] == [m["reward/mean"] for m in plain]
     rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/error_rate" in r] == [1, 3]
+
+
+def test_an_evaluation_on_a_step_that_is_not_logged_is_reported(tmp_path, caplog):
+    evaluation = HeldoutEvaluation(NoisyEnv(), [LengthCER()], ROWS, HeldoutSettings(seeds=[0], every_steps=2), tmp_path)
+    trainer = toy_trainer(tmp_path, [evaluation.during_training], max_steps=4, logging_steps=3)
+    with caplog.at_level(logging.WARNING, logger="vocalign.eval.heldout"):
+        trainer.train()
+    # rows of steps 0 and 3 are logged (every third, and the last): the evaluation after 2 steps is lost, not 4's
+    assert "after step 2 are not written" in caplog.text and "after step 4" not in caplog.text
+    rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/error_rate" in r] == [3]
 
 
 def test_every_steps_is_checked():
