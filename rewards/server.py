@@ -1,21 +1,30 @@
-"""An HTTP server around any reward plugin: dynamic batching, fair between requests, bounded in every resource.
+"""An HTTP server around any reward plugin: dynamic batching, delivering under overload, bounded in every resource.
 
 Reward models are far more efficient on batches, while a trainer's processes (and an eval script) send requests
 whenever they are ready. The server queues the samples of concurrent requests and runs the model on up to
 ``max_batch`` of them (and ``max_batch_audio_s`` seconds of audio) at once, waiting at most ``max_wait_ms`` for a batch
-to fill. A batch takes one sample from each waiting request in turn, so a large request is scored over several model
-calls and a small one that arrives meanwhile waits for one call, not for the whole large request.
+to fill. A batch takes one sample from each waiting request, oldest first (up to half the batch), then fills up with
+the oldest requests' next samples. The first part bounds unfairness: while fewer than ``max_batch / 2`` requests wait,
+each gets a sample into every model call, so a small request behind a large one waits for one call, not for the large
+request. The second
+part delivers under overload: when more work arrives than the model can do before the clients give up, the oldest
+requests complete in time, instead of every request being scored a little and none finishing.
+
+A request may say how long its client will wait (``deadline_s``); samples not started by then are not started at all
+(they come back ``failed``), so a server never spends its model on answers nobody will read. A request whose client
+disconnected is dropped from the queue, not scored. A full queue is answered 503 at once, with ``Retry-After`` the
+time the queue takes to drain, so a client waits or tries another server instead of counting the server as hung.
 
 What a client can claim is bounded (see :class:`~.limits.ServerLimits`): body size (413 before the body is read),
-bytes held across requests (a request waits for room, so memory stays flat), queued samples (503 at once, so the
-client tries another server), upload time (408), samples per request, audio length and text length (422 naming each
-sample). A request whose client disconnected is dropped from the queue, not scored.
+bytes held across requests (a request waits for room, so memory stays flat), queued samples (503), upload time (408),
+samples per request and string fields (400).
 
-A failure stays with the request that caused it. When a model call fails, each request in it is scored apart, then
-each sample of a failing request, so the others get their results and the culprit's request gets the reasons of its
-own samples: 422 when the plugin raised ``ValueError`` (its way to say "I cannot score this input", e.g. a language
-without an ASR model) and 500 for anything else. The server binds to 127.0.0.1 unless told otherwise and never
-unpickles anything.
+Every sample gets its own outcome (:class:`~.base.RewardResult`): ``ok``; ``invalid`` when the utterance itself is at
+fault (empty, not finite, longer than ``max_audio_seconds``: valued at the plugin's minimum); ``failed`` when it
+cannot be scored for another reason (a prompt or text over the limits, a sample rate the server does not take, the
+plugin raising on it, its deadline passing). When a model call fails, each request in it is scored apart, then each
+sample, so a failure stays with the samples that cause it. The server binds to 127.0.0.1 unless told otherwise and
+never unpickles anything.
 
 Endpoints: ``POST /score`` (JSON or msgpack, see :mod:`wire`), ``GET /health``, ``GET /info``.
 """
@@ -24,51 +33,63 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 
-from .audio import BadAudioError, check_audio
+from .audio import ALLOWED_RATES, BadAudioError, check_audio
 from .base import RewardPlugin, RewardResult, Sample, plugin_requires
 from .limits import ServerLimits
-from .wire import JSON, MSGPACK, WireError, decode, encode, results_to_wire, sample_from_wire, upstream_from_wire
+from .wire import (
+    JSON,
+    MAX_REASON_CHARS,
+    MSGPACK,
+    WireError,
+    decode,
+    encode,
+    results_to_wire,
+    sample_from_wire,
+    upstream_from_wire,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class _Job:
-    """One request's samples on their way through the queue; each result lands at its sample's index."""
+    """One request on its way through the queue: the samples still to score (``todo``, indices into ``samples``)
+    and a result slot per sample, filled at arrival for the samples refused then, the others as they are scored."""
 
     samples: list[Sample]
     upstream: dict[str, list[RewardResult]]
+    results: list[RewardResult | None]
+    todo: list[int]
     arrived: float
+    deadline: float  # loop time after which its samples are not started
     future: asyncio.Future = field(repr=False)
-    taken: int = 0  # samples handed to model calls so far
-    results: list[RewardResult | None] = field(init=False)
+    taken: int = 0  # samples of ``todo`` handed to model calls so far
 
-    def __post_init__(self) -> None:
-        self.results = [None] * len(self.samples)
+    @property
+    def waiting(self) -> int:
+        return len(self.todo) - self.taken
 
-
-class _SampleFailures(Exception):
-    """The samples of one request that the plugin could not score, with what it raised for each."""
-
-    def __init__(self, failures: list[tuple[int, Exception]]) -> None:
-        super().__init__(f"{len(failures)} samples failed")
-        self.failures = failures
+    def finish_if_done(self) -> None:
+        if not self.future.done() and all(r is not None for r in self.results):
+            self.future.set_result(self.results)
 
 
 class _Refused(Exception):
-    """A request the server answers with a 4xx/5xx status and a reason (and per-sample reasons in ``extra``)."""
+    """A request the server answers with a 4xx/5xx status and a reason (and headers such as Retry-After)."""
 
-    def __init__(self, status: int, reason: str, **extra: Any) -> None:
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(reason)
-        self.status, self.reason, self.extra = status, reason, extra
+        self.status, self.reason, self.headers = status, reason, headers or {}
 
 
 class _ByteBudget:
@@ -95,15 +116,21 @@ def _seconds(sample: Sample) -> float:
     return sample.audio.size / sample.sample_rate + prompt
 
 
+def _failure(err: Exception) -> RewardResult:
+    return RewardResult.failed(f"{type(err).__name__}: {err}"[:MAX_REASON_CHARS])
+
+
 class RewardServer:
     def __init__(self, plugin: RewardPlugin, limits: ServerLimits | None = None, version: str = "") -> None:
         self.plugin, self.limits, self.version = plugin, limits or ServerLimits(), version
         self.requires = plugin_requires(plugin)
         self.batch_sizes: Counter[int] = Counter()  # size -> model calls; at most max_batch keys
         self.requests = 0
+        self.expired_samples = 0  # samples not started because their request's deadline had passed
         self.started = time.time()
-        self._pending: deque[_Job] = deque()  # requests with samples not yet handed to a model call
+        self._pending: list[_Job] = []  # requests with samples not yet handed to a model call, oldest first
         self._queued = 0  # those samples
+        self._seconds_per_sample = 0.0  # in the latest model call: how long the queue takes to drain
         self._arrived = asyncio.Event()
         self._budget = _ByteBudget(self.limits.max_inflight_bytes)
 
@@ -112,11 +139,12 @@ class RewardServer:
         loop = asyncio.get_running_loop()
         while True:
             self._arrived.clear()
+            self._expire(loop.time())
             if not self._pending:
                 await self._arrived.wait()
                 continue
             # what queued up while the model was busy has waited already: it goes at once
-            wait = min(j.arrived for j in self._pending) + self.limits.max_wait_ms / 1000 - loop.time()
+            wait = self._pending[0].arrived + self.limits.max_wait_ms / 1000 - loop.time()
             if self._queued < self.limits.max_batch and wait > 0:
                 try:
                     await asyncio.wait_for(self._arrived.wait(), wait)
@@ -125,60 +153,68 @@ class RewardServer:
                 continue
             await self._run(self._take_batch())
 
+    def _expire(self, now: float) -> None:
+        """Fail the samples whose request's deadline has passed before they were started: the client has gone."""
+        for job in [j for j in self._pending if j.deadline <= now]:
+            for index in job.todo[job.taken:]:
+                job.results[index] = RewardResult.failed("not started before the request's deadline")
+            self.expired_samples += job.waiting
+            self._drop(job)
+            job.finish_if_done()
+
     def _take_batch(self) -> list[tuple[_Job, int]]:
-        """Up to ``max_batch`` samples and ``max_batch_audio_s`` seconds, one from each waiting request in turn."""
+        """Up to ``max_batch`` samples and ``max_batch_audio_s`` seconds: one sample of each waiting request, oldest
+        first (half a batch at most), then the oldest requests' next samples."""
         batch: list[tuple[_Job, int]] = []
         seconds = 0.0
-        while self._pending and len(batch) < self.limits.max_batch:
-            job = self._pending[0]
-            length = _seconds(job.samples[job.taken])
-            if batch and seconds + length > self.limits.max_batch_audio_s:
-                break
-            batch.append((job, job.taken))
+
+        def take(job: _Job) -> bool:
+            nonlocal seconds
+            index = job.todo[job.taken]
+            length = _seconds(job.samples[index])
+            if len(batch) == self.limits.max_batch or (batch and seconds + length > self.limits.max_batch_audio_s):
+                return False
+            batch.append((job, index))
             job.taken += 1
             self._queued -= 1
             seconds += length
-            if job.taken == len(job.samples):
-                self._pending.popleft()
-            else:
-                self._pending.rotate(-1)
+            return True
+
+        # half a batch at most for the first pass: with many requests waiting, the oldest still finish
+        full = not all(take(job) for job in self._pending[:max(1, self.limits.max_batch // 2)])
+        for job in self._pending:
+            while not full and job.waiting:
+                full = not take(job)
+        self._pending = [job for job in self._pending if job.waiting]
         return batch
 
     def _drop(self, job: _Job) -> None:
-        """Take a request's unscored samples out of the queue (its client left, or one of its samples failed)."""
+        """Take a request's unscored samples out of the queue (its client left, or its deadline passed)."""
         if job in self._pending:
             self._pending.remove(job)
-            self._queued -= len(job.samples) - job.taken
+            self._queued -= job.waiting
+            job.taken = len(job.todo)
 
     async def _run(self, batch: list[tuple[_Job, int]]) -> None:
         self.batch_sizes[len(batch)] += 1
+        started = time.perf_counter()
         outcomes = await asyncio.get_running_loop().run_in_executor(None, self._score_apart, batch)
-        failures: dict[_Job, list[tuple[int, Exception]]] = {}
+        self._seconds_per_sample = (time.perf_counter() - started) / len(batch)
         for (job, index), outcome in zip(batch, outcomes):
-            failures.setdefault(job, [])
-            if isinstance(outcome, Exception):
-                failures[job].append((index, outcome))
-            else:
-                job.results[index] = outcome
-        for job, failed in failures.items():
-            if job.future.done():  # its client went away
-                continue
-            if failed:
-                self._drop(job)
-                job.future.set_exception(_SampleFailures(failed))
-            elif job.taken == len(job.samples) and all(r is not None for r in job.results):
-                job.future.set_result(job.results)
+            job.results[index] = _failure(outcome) if isinstance(outcome, Exception) else outcome
+        for job in dict.fromkeys(job for job, _ in batch):
+            job.finish_if_done()
 
     def _score_apart(self, batch: list[tuple[_Job, int]]) -> Sequence[RewardResult | Exception]:
         """One model call's outcome per sample; when the call fails, each request's part and then each sample is
         scored on its own, so that an error is pinned on the samples that cause it and no other request pays."""
         try:
             return self._call(batch)
-        except Exception as err:  # noqa: BLE001 -- a plugin may raise anything; it goes back to the samples' request
+        except Exception as err:  # noqa: BLE001 -- a plugin may raise anything; it becomes its sample's failure
             if len(batch) == 1:
                 index = batch[0][1]
                 log = logger.warning if isinstance(err, ValueError) else logger.exception
-                log("reward %s cannot score sample %d of a request: %s", self.plugin.name, index, err)
+                log("reward %s cannot score sample %d of a request: %.300s", self.plugin.name, index, err)
                 return [err]
         jobs = list(dict.fromkeys(job for job, _ in batch))
         parts = [[item for item in batch if item[0] is job] for job in jobs] if len(jobs) > 1 else [[i] for i in batch]
@@ -197,18 +233,16 @@ class RewardServer:
         return list(out)
 
     # ------------------------------------------------------------------ HTTP
-    def _reply(self, request: web.Request, payload: Any, status: int = 200) -> web.Response:
+    def _reply(self, request: web.Request, payload: Any, status: int = 200,
+               headers: dict[str, str] | None = None) -> web.Response:
         kind = MSGPACK if MSGPACK in request.headers.get("Accept", request.content_type) else JSON
-        return web.Response(body=encode(payload, kind), status=status, content_type=kind)
-
-    def _error(self, request: web.Request, status: int, reason: str, **extra: Any) -> web.Response:
-        return self._reply(request, {"error": reason, **extra}, status)
+        return web.Response(body=encode(payload, kind), status=status, content_type=kind, headers=headers)
 
     async def score(self, request: web.Request) -> web.Response:
         try:
             return await self._score(request)
         except _Refused as refused:
-            return self._error(request, refused.status, refused.reason, **refused.extra)
+            return self._reply(request, {"error": refused.reason}, refused.status, refused.headers)
 
     async def _score(self, request: web.Request) -> web.Response:
         kind = request.content_type
@@ -224,10 +258,13 @@ class RewardServer:
             await asyncio.wait_for(self._budget.acquire(claim), self.limits.body_timeout_s)
         except asyncio.TimeoutError:
             raise _Refused(503, f"server busy: no room for {claim} more request bytes within "
-                                f"{self.limits.body_timeout_s:g} s; try another server") from None
+                                f"{self.limits.body_timeout_s:g} s; try another server",
+                           self._retry_after()) from None
         try:
-            samples, upstream = self._parse(await self._read(request))  # the decoded body is freed once parsed
-            return await self._enqueue(request, samples, upstream)
+            payload = await self._read(request)
+            job = self._admit(payload)  # the decoded body is freed once parsed
+            del payload
+            return await self._wait_for(request, job)
         finally:
             self._budget.release(claim)
 
@@ -236,10 +273,13 @@ class RewardServer:
             body = await asyncio.wait_for(self._receive(request), self.limits.body_timeout_s)
         except asyncio.TimeoutError:
             raise _Refused(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
+        except ContentEncodingError as err:  # e.g. Content-Encoding: gzip on a body that is not gzip
+            raise _Refused(400, f"the body does not match its Content-Encoding "
+                                f"{request.headers.get('Content-Encoding')!r:.40}: {err.message}") from None
         try:
             return decode(body, request.content_type)
         except WireError as err:
-            raise _Refused(400, str(err)) from None
+            raise _Refused(400, str(err)[:MAX_REASON_CHARS]) from None
 
     async def _receive(self, request: web.Request) -> bytearray:
         """The (decompressed) body, read here rather than by ``request.read()``, which keeps a copy on the request
@@ -252,7 +292,8 @@ class RewardServer:
                                     "send fewer samples per request")
         return body
 
-    def _parse(self, payload: Any) -> tuple[list[Sample], dict[str, list[RewardResult]]]:
+    def _admit(self, payload: Any) -> _Job:
+        """The request's job, its refused samples' results filled in; queued unless the queue is full."""
         try:
             if not isinstance(payload, dict) or not isinstance(payload.get("samples"), list):
                 raise WireError("body must be an object with a 'samples' list")
@@ -264,52 +305,64 @@ class RewardServer:
                                     f"{self.limits.max_samples_per_request}")
             samples = [sample_from_wire(item, i) for i, item in enumerate(raw)]
             upstream = upstream_from_wire(payload.get("upstream"), len(samples))
+            deadline_s = payload.get("deadline_s", math.inf)
+            if not isinstance(deadline_s, (int, float)) or isinstance(deadline_s, bool) or not deadline_s > 0:
+                raise WireError(f"'deadline_s' must be a number of seconds > 0, got {deadline_s!r:.40}")
         except WireError as err:
-            raise _Refused(400, str(err)) from None
+            raise _Refused(400, str(err)[:MAX_REASON_CHARS]) from None
         missing = [n for n in self.requires if n not in upstream]
         if missing:
             raise _Refused(422, f"reward {self.plugin.name!r} needs upstream results {missing}")
-        problems = [{"index": i, "reason": reason} for i, s in enumerate(samples) for reason in self._check(i, s)]
-        if problems:
-            raise _Refused(422, "some samples cannot be scored", samples=problems)
-        if self._queued + len(samples) > self.limits.max_queued_samples:
+        results = [self._refusal(i, s) for i, s in enumerate(samples)]
+        todo = [i for i, r in enumerate(results) if r is None]
+        if self._queued + len(todo) > self.limits.max_queued_samples:
             raise _Refused(503, f"server busy: {self._queued} samples queued (limit "
-                                f"{self.limits.max_queued_samples}); try another server")
-        return samples, upstream
-
-    async def _enqueue(self, request: web.Request, samples: list[Sample],
-                       upstream: dict[str, list[RewardResult]]) -> web.Response:
-        self.requests += 1
+                                f"{self.limits.max_queued_samples}); try again later or another server",
+                           self._retry_after())
         loop = asyncio.get_running_loop()
-        job = _Job(samples, upstream, loop.time(), loop.create_future())
-        self._pending.append(job)
-        self._queued += len(samples)
-        self._arrived.set()
+        job = _Job(samples, upstream, results, todo, loop.time(), loop.time() + min(deadline_s, 1e9),
+                   loop.create_future())
+        self.requests += 1
+        if todo:
+            self._pending.append(job)
+            self._queued += len(todo)
+            self._arrived.set()
+        else:
+            job.finish_if_done()
+        return job
+
+    def _retry_after(self) -> dict[str, str]:
+        """When to ask again: the time the queued samples take at the latest call's speed (whole seconds, >= 1)."""
+        return {"Retry-After": str(min(60, max(1, math.ceil(self._queued * self._seconds_per_sample))))}
+
+    async def _wait_for(self, request: web.Request, job: _Job) -> web.Response:
         try:
             results = await job.future
-        except _SampleFailures as err:
-            reasons = [{"index": i, "reason": f"{type(e).__name__}: {e}"} for i, e in err.failures]
-            if all(isinstance(e, ValueError) for _, e in err.failures):
-                raise _Refused(422, f"reward {self.plugin.name!r} cannot score some samples", samples=reasons) from None
-            raise _Refused(500, f"reward {self.plugin.name!r} failed", samples=reasons) from None
         finally:
             self._drop(job)  # a no-op unless the client went away (the handler is cancelled then)
         return self._reply(request, {"results": results_to_wire(results)})
 
-    def _check(self, index: int, sample: Sample) -> list[str]:
-        """Why ``sample`` cannot be scored, before it reaches the model (empty when it can)."""
-        reasons = []
-        for what, audio, rate in (("audio", sample.audio, sample.sample_rate),
-                                  ("prompt_audio", sample.prompt_audio, sample.prompt_sample_rate)):
-            if audio is not None:
-                try:
-                    check_audio(audio, rate or 0, what=f"sample {index} {what}", max_seconds=self.limits.max_audio_seconds)
-                except BadAudioError as err:
-                    reasons.append(str(err))
+    def _refusal(self, index: int, sample: Sample) -> RewardResult | None:
+        """The result of a sample that is not to reach the model (None when it is): ``invalid`` when the utterance
+        is at fault, ``failed`` when what came with it is (its rate, its prompt, its text)."""
+        where = f"sample {index}"
+        try:
+            check_audio(sample.audio, sample.sample_rate, what=f"{where} audio",
+                        max_seconds=self.limits.max_audio_seconds)
+        except BadAudioError as err:
+            if sample.sample_rate in ALLOWED_RATES:
+                return RewardResult.invalid(self.plugin, str(err))
+            return RewardResult.failed(str(err))
+        if sample.prompt_audio is not None:
+            try:
+                check_audio(sample.prompt_audio, sample.prompt_sample_rate or 0, what=f"{where} prompt_audio",
+                            max_seconds=self.limits.max_audio_seconds)
+            except BadAudioError as err:
+                return RewardResult.failed(str(err))
         if len(sample.text) > self.limits.max_text_chars:
-            reasons.append(f"sample {index} text has {len(sample.text)} characters; the limit is "
-                           f"{self.limits.max_text_chars}")
-        return reasons
+            return RewardResult.failed(f"{where} text has {len(sample.text)} characters; the limit is "
+                                       f"{self.limits.max_text_chars}")
+        return None
 
     async def health(self, request: web.Request) -> web.Response:
         return self._reply(request, {"status": "ok"})
@@ -322,7 +375,8 @@ class RewardServer:
             "batches": batches, "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "mean_batch_size": sum(k * v for k, v in self.batch_sizes.items()) / batches if batches else 0.0,
             "max_batch_size_seen": max(self.batch_sizes, default=0), "queued_samples": self._queued,
-            "held_request_bytes": self._budget.used, "uptime_s": time.time() - self.started,
+            "expired_samples": self.expired_samples, "held_request_bytes": self._budget.used,
+            "uptime_s": time.time() - self.started,
         })
 
     def app(self) -> web.Application:

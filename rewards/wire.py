@@ -3,8 +3,10 @@
 A sample is a mapping ``{"audio": bytes, "encoding": "f32"|"s16", "sample_rate": int, "text": str,
 "language": str, "prompt_audio"?: bytes, "prompt_encoding"?, "prompt_sample_rate"?, "emotion"?}``; JSON carries the
 bytes as base64 strings. A request is ``{"samples": [...], "upstream"?: {reward: [{"value", "info"}]}}``, a reply
-``{"results": [{"value", "info", "spans"?: [[start_s, end_s, value]]}]}`` or
-``{"error": str, "samples"?: [{"index", "reason"}]}``.
+``{"results": [{"value", "info", "spans"?: [[start_s, end_s, value]], "status"?, "reason"?}]}`` or
+``{"error": str, "samples"?: [{"index", "reason"}]}``. A result without ``status`` is ok; one that is ``invalid``
+(the policy's fault, valued at the reward's minimum) or ``failed`` (not scored, ``value`` null) says why in
+``reason``.
 
 Both ends read with the same strict checks: anything that does not follow the format raises :class:`WireError`
 saying where, so a server answers 400 (never 500) and a client rejects a reply with the wrong number of results or a
@@ -22,11 +24,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .base import RewardResult, Sample, Span, check_spans
+from .base import FAILED, INVALID, OK, STATUSES, RewardResult, Sample, Span, check_spans
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 _DTYPES = {"f32": "<f4", "s16": "<i2"}
+MAX_LABEL_CHARS = 64  # a language or emotion label; a longer one is no label and would be echoed into replies and logs
+MAX_REASON_CHARS = 500  # a result's or refusal's reason, cut so that no reason can grow a reply or a log line
 ENCODINGS = tuple(_DTYPES)
 
 
@@ -87,6 +91,10 @@ def sample_from_wire(item: Any, index: int) -> Sample:
     emotion = item.get("emotion")
     if emotion is not None and not isinstance(emotion, str):
         raise WireError(f"{where}: field 'emotion' must be a string, got {type(emotion).__name__}")
+    for key, label in (("language", item["language"]), ("emotion", emotion or "")):
+        if len(label) > MAX_LABEL_CHARS:
+            raise WireError(f"{where}: field {key!r} has {len(label)} characters; a label has at most "
+                            f"{MAX_LABEL_CHARS}")
     prompt = None
     if item.get("prompt_audio") is not None:
         if not _is_int(item.get("prompt_sample_rate")):
@@ -130,8 +138,11 @@ def request_payload(samples: Sequence[Sample], upstream: Mapping[str, Sequence[R
 
 
 def results_to_wire(results: Sequence[RewardResult]) -> list[dict[str, Any]]:
-    """Spans go out only when a result has some, so a reply without them reads as it always did."""
-    return [{"value": r.value, "info": r.info, **({"spans": [list(s) for s in r.spans]} if r.spans else {})}
+    """Spans, and a status with its reason, go out only when a result has them, so an ok reply reads as it always
+    did; a failed result's NaN value goes out as null (JSON has no NaN)."""
+    return [{"value": None if r.status == FAILED else r.value, "info": r.info,
+             **({"status": r.status, "reason": r.reason[:MAX_REASON_CHARS]} if r.status != OK else {}),
+             **({"spans": [list(s) for s in r.spans]} if r.spans else {})}
             for r in results]
 
 
@@ -157,15 +168,39 @@ def results_from_wire(rows: Any, n: int, where: str) -> list[RewardResult]:
         raise WireError(f"{where} must hold one result per sample ({n}), got {got}")
     out = []
     for i, row in enumerate(rows):
-        value = row.get("value") if isinstance(row, Mapping) else None
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        status = row.get("status", OK) if isinstance(row, Mapping) else OK
+        if status not in STATUSES:
+            raise WireError(f"{where}: result {i} 'status' must be one of {list(STATUSES)}, got {status!r:.100}")
+        if status == FAILED:
+            out.append(RewardResult.failed(_reason(row.get("reason"), f"{where}: result {i}")))
+            continue
+        value = _finite(row.get("value") if isinstance(row, Mapping) else None)
+        if value is None:
             raise WireError(f"{where}: result {i} must be an object with a finite number 'value', got {row!r:.100}")
         info = row.get("info")
         if info is not None and not isinstance(info, Mapping):
             raise WireError(f"{where}: result {i} 'info' must be an object, got {type(info).__name__}")
-        out.append(RewardResult(float(value), dict(info or {}),
+        out.append(RewardResult(value, dict(info or {}), status,
+                                _reason(row.get("reason"), f"{where}: result {i}") if status == INVALID else "",
                                 spans=_spans_from_wire(row.get("spans"), f"{where}: result {i}")))
     return out
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number; an integer too large for a float is not one."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _reason(raw: Any, where: str) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise WireError(f"{where}: a result that is not ok needs a 'reason' string, got {raw!r:.100}")
+    return raw[:MAX_REASON_CHARS]
 
 
 def upstream_from_wire(raw: Any, n: int) -> dict[str, list[RewardResult]]:
