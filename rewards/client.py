@@ -294,7 +294,7 @@ class RewardClient:
         if status == 200:
             return results_from_wire(payload.get("results") if isinstance(payload, dict) else payload, n,
                                      f"reply of {url}")
-        reason = f"{payload.get('error') if isinstance(payload, dict) else payload!r:.300}"
+        reason = f"{payload.get('error') if isinstance(payload, dict) else payload!s:.300}"
         if status in _BUSY_STATUSES:
             raise _Busy(f"HTTP {status}: {reason}", retry_after)
         if 400 <= status < 500 and status != 408:

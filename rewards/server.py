@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
 
 from .audio import ALLOWED_RATES, BadAudioError, check_audio
 from .base import RewardPlugin, RewardResult, Sample, plugin_requires
@@ -273,9 +272,10 @@ class RewardServer:
             body = await asyncio.wait_for(self._receive(request), self.limits.body_timeout_s)
         except asyncio.TimeoutError:
             raise _Refused(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
-        except ContentEncodingError as err:  # e.g. Content-Encoding: gzip on a body that is not gzip
-            raise _Refused(400, f"the body does not match its Content-Encoding "
-                                f"{request.headers.get('Content-Encoding')!r:.40}: {err.message}") from None
+        except web.RequestPayloadError as err:  # e.g. Content-Encoding: gzip on a body that is not gzip
+            encoding = request.headers.get("Content-Encoding")
+            what = f"does not match its Content-Encoding {encoding!r:.40}" if encoding else "is malformed"
+            raise _Refused(400, f"the request body {what}: {err.__cause__ or err}"[:MAX_REASON_CHARS]) from None
         try:
             return decode(body, request.content_type)
         except WireError as err:

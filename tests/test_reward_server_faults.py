@@ -16,9 +16,10 @@ import pytest
 from aiohttp import web
 
 from vocalign.rewards.base import RewardResult, Sample
-from vocalign.rewards.client import RewardClient, RewardServerError
+from vocalign.rewards.client import RewardClient, RewardRequestError, RewardServerError
 from vocalign.rewards.energy import EnergyReward
 from vocalign.rewards.limits import ServerLimits
+from vocalign.rewards.scorer import build_plugin
 from vocalign.rewards.server import RewardServer
 from vocalign.rewards.wire import JSON, encode, request_payload
 
@@ -140,14 +141,26 @@ def test_a_sample_the_plugin_cannot_score_fails_alone_and_the_call_gets_every_ot
     (lambda: web.Response(text="<html>hello</html>", content_type="text/html"), "Content-Type 'text/html'"),
     (lambda: web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html"), "HTTP 502"),
     (lambda: web.Response(body=b"\xc1", content_type="application/msgpack"), "not valid msgpack"),
-], ids=["count", "nan", "string", "html", "502", "garbage"])
+    (lambda: web.Response(text='{"results": [{"value": 1' + "0" * 400 + '}, {"value": 1}, {"value": 1}]}',
+                          content_type="application/json"), "finite number"),
+    (lambda: web.Response(body=b"[" + b" " * 3 * 2**20 + b"]", content_type="application/json"),
+     "reply of 3145730 bytes; at most 1245184 expected"),
+    (lambda: web.Response(status=307, headers={"Location": "/score2"}), "redirects are not followed"),
+], ids=["count", "nan", "string", "html", "502", "garbage", "huge-int", "huge-reply", "redirect"])
 def test_the_client_rejects_a_malformed_reply_and_fails_over(local_server, clients, reply, reason):
     async def handler(request):
         await request.read()
         return reply()
 
+    redirected = []
+
+    async def redirect_target(request):
+        redirected.append(await request.read())
+        return web.json_response({"results": [{"value": 1.0}] * 3})
+
     app = web.Application()
     app.router.add_post("/score", handler)
+    app.router.add_post("/score2", redirect_target)
     _, broken = local_server(app)
     with pytest.raises(RewardServerError, match="no reward server could score") as err:
         clients([broken], retries=0).score([sample()] * 3)
@@ -155,7 +168,7 @@ def test_the_client_rejects_a_malformed_reply_and_fails_over(local_server, clien
     _, good = local_server(EnergyReward())
     client = clients([broken, good], retries=1, backoff_s=0.01)
     assert len(client.score([sample()] * 3)) == 3
-    assert client.stats.failures_by_url == {broken: 1}
+    assert client.stats.failures_by_url == {broken: 1} and redirected == []  # audio never re-posted elsewhere
 
 
 # ---------------------------------------------------------------- finding 4: bounded and fair
@@ -260,6 +273,11 @@ def test_malformed_requests_get_400_with_a_reason(local_server):
         ({**one(), "upstream": {"cer": [{"value": 1.0}] * 2}}, "one result per sample (1), got 2 results"),
         ({**one(), "upstream": {"cer": "x"}}, "one result per sample (1), got str"),
         ({**one(), "upstream": [1]}, "upstream must map reward names"),
+        ({**one(), "upstream": {"cer": [{"value": 10**400}]}}, "finite number 'value'"),
+        (one(language="x" * 65), "field 'language' has 65 characters; a label has at most 64"),
+        (one(emotion="x" * 20_000), "field 'emotion' has 20000 characters"),
+        ({**one(), "deadline_s": "soon"}, "'deadline_s' must be a number of seconds > 0"),
+        ({**one(), "deadline_s": 0}, "'deadline_s' must be a number of seconds > 0"),
     ]
     for payload, reason in cases:
         status, body = post(url, json.dumps(payload).encode())
@@ -270,6 +288,11 @@ def test_malformed_requests_get_400_with_a_reason(local_server):
     assert status == 400 and "not valid msgpack" in body["error"]
     status, body = post(url, msgpack.packb(one(encoding=["f32"])), "application/msgpack")
     assert status == 400 and "encoding must be one of" in body["error"]
+    request = urllib.request.Request(f"{url}/score", data=json.dumps(one()).encode(),
+                                     headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400 and "does not match its Content-Encoding 'gzip'" in refused.value.read().decode()
     assert get_json(f"{url}/health") == {"status": "ok"} and server.requests == 0
 
 
@@ -301,3 +324,87 @@ def test_a_client_reuses_one_connection_across_calls_and_event_loops(local_serve
     for _ in range(2):  # a fresh event loop each time, as asyncio.run in a caller does
         asyncio.run(client.score_async([sample()]))
     assert len(peers) == 5 and len(set(peers)) == 1
+
+
+# ---------------------------------------------------------------- issue 26: delivering under overload
+def test_under_overload_most_calls_complete_within_their_deadline(local_server, clients):
+    # the issue's scenario, 4x faster: 10 calls x 64 samples at 400 samples/s is 1.6 s of work for a 1.25 s
+    # timeout; served a sample of each in turn, every call would miss it together (1 of 10 did)
+    server, url = local_server(FakeReward(seconds_per_sample=1 / 400), max_batch=32)
+    callers = [clients([url], retries=0, timeout_s=1.25) for _ in range(10)]
+
+    async def all_calls():
+        return await asyncio.gather(*(c.score_async([sample(0.1, str(k))] * 64) for k, c in enumerate(callers)))
+
+    calls = asyncio.run(all_calls())  # every call is answered, none raises
+    complete = [all(r.status == "ok" for r in call) for call in calls]
+    assert sum(complete) >= 6, complete
+    late = {r.reason for call in calls for r in call if r.status != "ok"}
+    assert late == {"not started before the request's deadline"} and server.expired_samples > 0
+
+
+def test_a_busy_server_is_waited_for_honouring_retry_after_not_counted_as_failed(local_server, clients):
+    _, url = local_server(FakeReward(seconds_per_sample=0.1), max_batch=4, max_queued_samples=8,
+                          max_samples_per_request=8)
+    first, patient, hasty = (clients([url], retries=0), clients([url], retries=0, timeout_s=5),
+                             clients([url], retries=0, timeout_s=0.5))
+
+    async def queue_full_then(client):
+        ahead = asyncio.ensure_future(first.score_async([sample()] * 8))  # 0.8 s of work: the queue is full
+        await asyncio.sleep(0.15)
+        t0 = time.monotonic()
+        try:
+            return await client.score_async([sample()] * 8), time.monotonic() - t0
+        finally:
+            await ahead
+
+    results, waited = asyncio.run(queue_full_then(patient))
+    assert [r.status for r in results] == ["ok"] * 8
+    assert patient.stats.busy_answers >= 1 and patient.stats.failed_attempts == 0
+    assert waited >= 1.0  # asked again after Retry-After (whole seconds), not at once
+    with pytest.raises(RewardServerError, match="busy \\(HTTP 503: server busy"):  # not free within its timeout
+        asyncio.run(queue_full_then(hasty))
+    assert hasty.stats.failed_attempts == 0
+
+
+def test_a_chunk_no_server_answers_fails_its_own_samples_and_the_others_are_delivered(local_server, clients):
+    _, good = local_server(EnergyReward())
+    dead = f"http://127.0.0.1:{free_port()}"
+    results = clients([good, dead], retries=0, max_samples_per_request=2).score([sample(0.1)] * 4)
+    assert [r.status for r in results] == ["ok", "ok", "failed", "failed"]  # chunk 1 began at the dead server
+    assert results[2].reason.startswith("no reward server could score 2 samples (1 attempts in ") and dead in \
+        results[2].reason
+
+
+def test_a_callers_bug_in_one_chunk_cancels_its_siblings_on_the_server(local_server, clients):
+    plugin = FakeReward(seconds_per_sample=0.1)
+    _, url = local_server(plugin, max_batch=1, max_request_mb=0.1, max_inflight_mb=1)
+    small, large = [sample(0.1, "sibling")] * 8, [sample(0.1, "large", n=16000)] * 8  # 8 x 64 KB > 0.1 MB: 413
+    with pytest.raises(RewardRequestError, match="\\(413\\): request body exceeds"):
+        clients([url], retries=0, max_samples_per_request=8).score(small + large)
+    time.sleep(1.0)  # the sibling's 8 samples take 0.8 s: give them time to be (wrongly) scored
+    assert plugin.scored.count("sibling") <= 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"urls": "http://127.0.0.1:8100"}, "urls must be a list of server URLs"),
+    ({"urls": ["ftp://127.0.0.1:8100"]}, "'ftp://127.0.0.1:8100' is not an http:// or https:// server URL"),
+    ({"urls": ["127.0.0.1:8100"]}, "is not an http:// or https:// server URL"),
+    ({"urls": ["http://127.0.0.1:8100"], "timeout": 5}, "has no setting 'timeout'; did you mean 'timeout_s'?"),
+    ({"urls": ["http://127.0.0.1:8100"], "retries": "3"}, "retries must be a whole number like 3, got '3'"),
+    ({"urls": ["http://127.0.0.1:8100"], "min_value": "low"}, "min_value must be a finite number"),
+], ids=["string", "ftp", "no-scheme", "typo", "type", "min-value"])
+def test_remote_reward_entries_are_checked_when_the_recipe_loads(entry, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_plugin({"name": "cer", **entry})
+
+
+def test_a_remote_reward_says_its_min_value():
+    assert build_plugin({"name": "cer", "urls": ["http://127.0.0.1:8100"], "min_value": -1}).min_value == -1.0
+    assert build_plugin({"name": "cer", "urls": ["http://127.0.0.1:8100"]}).min_value == 0.0
