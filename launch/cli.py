@@ -74,12 +74,15 @@ def _synth(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from vocalign.policies.frontend.g2p import PhonemeFrontend
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
     from vocalign.rewards.audio import audio_writer, read_audio
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code, adapter=args.adapter)
+    phonemes = None if args.phonemes is None else PhonemeFrontend.from_release_configs(args.phonemes)
+    pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code, adapter=args.adapter,
+                                           phonemes=phonemes, sample_rate=args.sample_rate)
     prompt = pipeline.prepare_prompt(*read_audio(args.prompt_wav), args.prompt_text)
     settings = SynthesisSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  flow_steps=args.flow_steps)
@@ -173,8 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--text", required=True)
     synth.add_argument("--prompt-wav", required=True, help="3-10 s of the voice to imitate")
     synth.add_argument("--prompt-text", required=True, help="what the prompt says")
-    synth.add_argument("--out", required=True, help="output wav (24 kHz)")
-    synth.add_argument("--stream", action="store_true", help="synthesise block by block, writing as it goes")
+    synth.add_argument("--out", required=True, help="output wav (at --sample-rate)")
+    synth.add_argument("--sample-rate", type=int, choices=(24000, 32000),
+                       help="24000: HiFT, 32000: Vocos2D (the release's --sample_rate); default: 24000 if the "
+                            "checkpoint has hift/, else 32000")
+    synth.add_argument("--phonemes", metavar="DIR",
+                       help="phoneme-in (the release's --use_phoneme): a folder with the release's G2P tables "
+                            "(G2P_all_phonemes.json, G2P_replace_dict.jsonl, G2P_able_1word.json, from its configs/)")
+    synth.add_argument("--stream", action="store_true",
+                       help="stream as released (token blocks 25/50/200, look-ahead 12/25/100, 0.1 s fades), "
+                            "writing each piece as it is ready")
     synth.add_argument("--temperature", type=float, default=1.0)
     synth.add_argument("--top-k", type=int, default=25)
     synth.add_argument("--top-p", type=float, default=0.8)

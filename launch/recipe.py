@@ -55,14 +55,18 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
                  heldout: dict[str, Any] | None) -> Run:
     """``ckpt``: a checkpoint folder, ``demo`` (the demo TTS vocalign ships, see ``vocalign make-demo-tts``) or
     ``tiny`` (a random tiny one in the published layout, written under output_dir); ``data``: a JSON-lines/parquet
-    prompt file, or ``demo`` (the demo's GRPO prompts); ``flow_steps``; ``trust_remote_code``."""
+    prompt file, or ``demo`` (the demo's GRPO prompts); ``flow_steps``; ``trust_remote_code``; ``sample_rate``:
+    24000 (HiFT) or 32000 (Vocos2D), default as the checkpoint's files allow (rewards get the audio at that rate and
+    resample it themselves); ``phonemes``: phoneme-in, a folder with the release's G2P tables (its ``configs/``),
+    applied to rollouts and the held-out evaluation alike (a ``tiny`` checkpoint then gets the phoneme tokens)."""
     from vocalign.policies.checkpoints import write_tiny_checkpoint
+    from vocalign.policies.frontend.g2p import RELEASE_TABLES, PhonemeFrontend
     from vocalign.policies.pipeline import TTSPipeline
     from vocalign.rewards.scorer import RewardScorer, build_plugin
     from vocalign.rlhf.demo_tts import DEMO_CKPT, DEMO_PROMPTS
     from vocalign.rlhf.tts_env import TTSEnv, load_prompt_rows
 
-    known = {"ckpt", "data", "flow_steps", "trust_remote_code"}
+    known = {"ckpt", "data", "flow_steps", "trust_remote_code", "sample_rate", "phonemes"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown env setting(s) {unknown} for glmtts; known: {sorted(known)}")
@@ -71,16 +75,20 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
             raise ValueError(f"env.{required} is required: "
                              + ("a checkpoint folder, `demo` or `tiny`" if required == "ckpt"
                                 else "a JSON-lines/parquet prompt file, or `demo`"))
+    phonemes = None if settings.get("phonemes") is None else PhonemeFrontend.from_release_configs(settings["phonemes"])
     state = process_state()
     ckpt = {"demo": DEMO_CKPT, "tiny": Path(config.output_dir) / "tiny-ckpt"}.get(settings["ckpt"],
                                                                                   Path(settings["ckpt"]))
     if settings["ckpt"] == "tiny":
         with state.main_process_first():  # one process writes it, the others read it
             if state.is_main_process and not (ckpt / "llm" / "config.json").is_file():
-                write_tiny_checkpoint(ckpt)
+                write_tiny_checkpoint(ckpt, phonemes_file=None if phonemes is None else
+                                      Path(settings["phonemes"]) / RELEASE_TABLES[0])
     data = DEMO_PROMPTS / "train.jsonl" if settings["data"] == "demo" else Path(settings["data"])
+    sample_rate = settings.get("sample_rate")
     pipeline = TTSPipeline.from_pretrained(ckpt, trust_remote_code=bool(settings.get("trust_remote_code", False)),
-                                           device=str(state.device))
+                                           device=str(state.device), phonemes=phonemes,
+                                           sample_rate=None if sample_rate is None else int(sample_rate))
     env = TTSEnv(pipeline, flow_steps=int(settings.get("flow_steps", 10)))
     scorer = RewardScorer([build_plugin(spec) for spec in rewards])
     evaluation = None

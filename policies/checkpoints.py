@@ -6,7 +6,6 @@ tiny (the real LM is 1.5B parameters) but names, files and formats are those of 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,11 +15,13 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor
 
 from .flow import FlowConfig, FlowMatching
+from .frontend.g2p import read_inventory
 from .frontend.tokenizer import build_char_tokenizer
 from .speaker import write_tiny_campplus
 from .speech_lm import SpeechLM
 from .speech_tokenizer import WhisperVQEncoder
 from .vocoder import HiFT, HiFTConfig
+from .vocos2d import ReleasedGeneratorInterface, Vocos2D, Vocos2DConfig
 
 # The tiny tokenizer reads printable ASCII, common CJK punctuation and every CJK unified ideograph, one token each.
 TINY_CHARACTERS = ("".join(chr(c) for c in range(32, 127)) + "，。！？、：；“”‘’（）《》…—"
@@ -37,18 +38,18 @@ class TinySizes:
     flow_depth: int = 2
     flow_token_dim: int = 32
     hift_channels: int = 32
+    vocos2d_channels: int = 4
+    vocos2d_depth: int = 1
 
 
 def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phonemes_file: str | Path | None = None,
                           seed: int = 0) -> Path:
     """Write ``llm/``, ``vq32k-phoneme-tokenizer/``, ``speech_tokenizer/``, ``flow/`` (config.yaml, flow.pt),
-    ``hift/hift.pt`` and ``frontend/campplus.onnx`` with random weights. The release has no HiFT config (its
-    sizes are CosyVoice 2's); the tiny one adds ``hift/config.yaml`` with its smaller widths."""
+    ``hift/hift.pt``, ``vocos2d/generator_jit.ckpt`` and ``frontend/campplus.onnx`` with random weights. The release
+    has no HiFT config (its sizes are CosyVoice 2's); the tiny one adds ``hift/config.yaml`` with its smaller
+    widths. Both vocoders are written so that the 24 kHz and the 32 kHz paths can run on one tiny checkpoint."""
     root = Path(root)
-    phonemes: list[str] = []
-    if phonemes_file is not None:
-        table = json.loads(Path(phonemes_file).read_text(encoding="utf-8"))
-        phonemes = list(table.values() if isinstance(table, dict) else table)
+    phonemes = [] if phonemes_file is None else read_inventory(phonemes_file)
     tokenizer = build_char_tokenizer(TINY_CHARACTERS, phonemes, sizes.num_codes)
     tokenizer.save_pretrained(root / "vq32k-phoneme-tokenizer")
     torch.manual_seed(seed)
@@ -71,7 +72,18 @@ def write_tiny_checkpoint(root: str | Path, sizes: TinySizes = TinySizes(), phon
     torch.save(HiFT(hift).state_dict(), root / "hift" / "hift.pt")
     write_speech_tokenizer(root / "speech_tokenizer", sizes.num_codes)
     write_tiny_campplus(root / "frontend" / "campplus.onnx", seed=seed)
+    with torch.random.fork_rng():  # the other parts' weights stay those of checkpoints written before Vocos2D was
+        torch.manual_seed(seed)
+        write_vocos2d(root / "vocos2d" / "generator_jit.ckpt",
+                      Vocos2DConfig(channels=sizes.vocos2d_channels, depth=sizes.vocos2d_depth))
     return root
+
+
+def write_vocos2d(path: Path, cfg: Vocos2DConfig) -> None:
+    """A random :class:`Vocos2D` as TorchScript behind the released generator's interface, where the release keeps
+    its generator."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(ReleasedGeneratorInterface(Vocos2D(cfg)).eval()).save(str(path))
 
 
 def write_speech_tokenizer(folder: Path, num_codes: int, width: int = 32) -> None:
@@ -84,6 +96,7 @@ def write_speech_tokenizer(folder: Path, num_codes: int, width: int = 32) -> Non
     config.to_json_file(str(folder / "config.json"))
     save_file(WhisperVQEncoder(config).state_dict(), str(folder / "model.safetensors"), metadata={"format": "pt"})
     WhisperFeatureExtractor(feature_size=128).save_pretrained(str(folder))
+
 
 def write_flow(folder: Path, cfg: FlowConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 A two-stage TTS is a speech LM between a speech tokenizer (prompt audio -> codes) and a token-to-audio decoder
 (codes -> audio, conditioned on the voice prompt). GLM-TTS's are a Whisper-VQ tokenizer, flow matching with CAM++
-speaker embeddings, and HiFT (:class:`GLMTTSCodec`); vocalign's CPU demo uses k-means mel units and Griffin-Lim
-(:class:`MelUnitCodec`). The pipeline, the rollout environment and the trainer see only :class:`SpeechCodec`.
+speaker embeddings, and HiFT at 24 kHz or Vocos2D at 32 kHz (:class:`GLMTTSCodec`); vocalign's CPU demo uses
+k-means mel units and Griffin-Lim (:class:`MelUnitCodec`). The pipeline, the rollout environment and the trainer
+see only :class:`SpeechCodec`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,47 @@ import torch
 from vocalign.rewards.audio import to_model_rate
 
 from .flow import FlowInput, FlowMatching
-from .mel import MEL_24K, log_mel
+from .mel import MEL_24K, MEL_32K, MelConfig, log_mel
 from .mel_units import MelUnits
 from .speaker import CampPlus
 from .speech_tokenizer import SpeechTokenizer
+from .streaming import PROMPT_BLOCK_TOKENS, Stitcher, block_ends, settled_frames
 from .vocoder import HiFT
+from .vocos2d import Vocos2DTorchScript
+
+Vocoder = HiFT | Vocos2DTorchScript
+# the released vocoders by output rate, the file each needs, and the mel settings of the prompt condition
+VOCODER_FILES = {24000: "hift/hift.pt", 32000: "vocos2d/generator_jit.ckpt"}
+PROMPT_MEL = {24000: MEL_24K, 32000: MEL_32K}
+
+
+def checkpoint_sample_rate(ckpt: str | Path, sample_rate: int | None = None) -> int:
+    """The output rate a checkpoint is decoded at, as the release chooses it: its ``sample_rate`` (24000 -> HiFT,
+    32000 -> Vocos2D) when asked for, else 24 kHz (the release's default) when ``hift/`` is there, else 32 kHz when
+    ``vocos2d/`` is. The vocoder file for the rate must be present."""
+    ckpt = Path(ckpt)
+    if sample_rate is None:
+        present = [rate for rate, file in VOCODER_FILES.items() if (ckpt / file).is_file()]
+        if not present:
+            raise FileNotFoundError(f"{ckpt} has no vocoder: expected {' or '.join(VOCODER_FILES.values())}")
+        return present[0]
+    if sample_rate not in VOCODER_FILES:
+        raise ValueError(f"sample_rate {sample_rate} is not one of the released vocoders' rates "
+                         f"{sorted(VOCODER_FILES)} (24000: HiFT, 32000: Vocos2D)")
+    if not (ckpt / VOCODER_FILES[sample_rate]).is_file():
+        others = [f"{rate} ({file})" for rate, file in VOCODER_FILES.items() if (ckpt / file).is_file()]
+        raise FileNotFoundError(f"{sample_rate} Hz output needs {ckpt / VOCODER_FILES[sample_rate]}, which is "
+                                "missing; " + (f"this checkpoint has {', '.join(others)}" if others
+                                               else "nor is any other vocoder there"))
+    return sample_rate
+
+
+def load_vocoder(ckpt: str | Path, sample_rate: int, device: str = "cpu") -> Vocoder:
+    """The vocoder for ``sample_rate`` (checked by :func:`checkpoint_sample_rate`)."""
+    ckpt = Path(ckpt)
+    if checkpoint_sample_rate(ckpt, sample_rate) == 32000:
+        return Vocos2DTorchScript(ckpt / VOCODER_FILES[32000], device)
+    return HiFT.from_pretrained(ckpt / "hift", device)
 
 
 @dataclass
@@ -61,16 +98,16 @@ class StreamingCodec(SpeechCodec, Protocol):
 
 @dataclass
 class FlowCondition:
-    mel: torch.Tensor  # [frames, 80] 24 kHz log-mel of the prompt (50 frames/s, about two per code)
+    mel: torch.Tensor  # [frames, 80] log-mel of the prompt at the output rate's settings (50 frames/s, two per code)
     speaker: torch.Tensor  # [192] CAM++ embedding
 
 
 class GLMTTSCodec:
-    """Whisper-VQ speech tokenizer, flow matching (tokens -> mel, prompt-conditioned) and HiFT, as released."""
+    """Whisper-VQ speech tokenizer, flow matching (tokens -> mel, prompt-conditioned) and a vocoder (HiFT, 24 kHz,
+    or Vocos2D, 32 kHz), as released. The flow's mel is 50 frames/s either way; the prompt's mel condition is taken
+    with the output rate's settings, as the release's ``load_frontends`` does."""
 
-    sample_rate = 24000
-
-    def __init__(self, speech_tokenizer: SpeechTokenizer, flow: FlowMatching, vocoder: HiFT, speaker: CampPlus,
+    def __init__(self, speech_tokenizer: SpeechTokenizer, flow: FlowMatching, vocoder: Vocoder, speaker: CampPlus,
                  rows_per_call: int = 64) -> None:
         """``rows_per_call``: utterances the flow and the vocoder decode at once (memory grows with it)."""
         if rows_per_call < 1:
@@ -78,12 +115,16 @@ class GLMTTSCodec:
         self.speech_tokenizer, self.flow, self.vocoder, self.speaker = speech_tokenizer, flow, vocoder, speaker
         self.rows_per_call = rows_per_call
         self.num_codes = speech_tokenizer.encoder.config.quantize_vocab_size
+        self.sample_rate = vocoder.sample_rate
+        self.prompt_mel: MelConfig = PROMPT_MEL[self.sample_rate]
 
     @classmethod
-    def from_pretrained(cls, ckpt: str | Path, device: str = "cpu") -> GLMTTSCodec:
+    def from_pretrained(cls, ckpt: str | Path, device: str = "cpu", sample_rate: int | None = None) -> GLMTTSCodec:
+        """``sample_rate``: 24000 (HiFT) or 32000 (Vocos2D); None picks as :func:`checkpoint_sample_rate`."""
         ckpt = Path(ckpt)
+        vocoder = load_vocoder(ckpt, checkpoint_sample_rate(ckpt, sample_rate), device)
         return cls(SpeechTokenizer.from_pretrained(ckpt / "speech_tokenizer", device),
-                   FlowMatching.from_pretrained(ckpt / "flow", device), HiFT.from_pretrained(ckpt / "hift", device),
+                   FlowMatching.from_pretrained(ckpt / "flow", device), vocoder,
                    CampPlus(ckpt / "frontend" / "campplus.onnx"))
 
     def tokenize(self, audio: np.ndarray, sample_rate: int) -> list[int]:
@@ -96,7 +137,7 @@ class GLMTTSCodec:
             raise ValueError("the prompt audio is too short to give any speech token")
         # as released, every code and every mel frame is kept (3.3 s: 83 codes, 165 frames); the flow places the
         # prompt's frames and drops as many from its output
-        mel = log_mel(torch.from_numpy(to_model_rate(audio, sample_rate, self.sample_rate)), MEL_24K).T
+        mel = log_mel(torch.from_numpy(to_model_rate(audio, sample_rate, self.sample_rate)), self.prompt_mel).T
         return codes, FlowCondition(mel, torch.from_numpy(self.speaker(audio16)).float())
 
     def _flow_input(self, codes: Sequence[int], prompt: VoicePrompt) -> FlowInput:
@@ -124,31 +165,26 @@ class GLMTTSCodec:
 
     def stream(self, codes: Sequence[int], prompt: VoicePrompt, flow_steps: int, blocks: Sequence[int],
                lookahead: Sequence[int], crossfade_s: float) -> Iterator[np.ndarray]:
-        """Blocks of ``blocks`` tokens (the last size repeating), each block's mel computed with a look-ahead of
-        tokens past its end and the same starting noise, joined with a short cross-fade."""
-        hop = MEL_24K.hop
-        fade = int(crossfade_s * self.sample_rate)
-        noise = torch.randn(self.flow.frames_for(len(prompt.codes) + len(codes)), self.flow.cfg.mel_dim)
-        start, k, held = 0, 0, None
-        while start < len(codes):
-            size = blocks[min(k, len(blocks) - 1)]
-            end = min(start + size, len(codes))
-            ahead = min(end + lookahead[min(k, len(lookahead) - 1)], len(codes))
-            mel = self.flow.generate([self._flow_input(codes[:ahead], prompt)], steps=flow_steps, noise=[noise])[0]
-            frame_start, frame_end = 2 * start, 2 * end
-            overlap = 0 if held is None else len(held)
-            # left context for the vocoder's receptive field, and to re-synthesise the held-back overlap
-            context = min(frame_start, -(-overlap // hop) + 4)
-            audio = self.vocoder(mel[:, frame_start - context:frame_end].unsqueeze(0))[0].cpu().numpy()
-            audio = audio[context * hop - overlap:]
-            if held is not None:  # the previous piece's held-back tail fades into the same span synthesised again
-                ramp = np.linspace(0.0, 1.0, overlap, dtype=np.float32)
-                audio = np.concatenate([held * (1 - ramp) + audio[:overlap] * ramp, audio[overlap:]])
-            last = end == len(codes)
-            if not last and len(audio) > fade:
-                held, audio = audio[-fade:], audio[:-fade]
-            yield audio
-            start, k = end, k + 1
+        """The release's ``token2wav_stream`` (:mod:`vocalign.policies.streaming`): after each block of ``blocks``
+        tokens, a cached block-causal flow pass over all tokens so far and the vocoder over its whole mel; the audio
+        before the look-ahead (``lookahead`` tokens, per block) and a ``crossfade_s`` fade is emitted."""
+        if len(blocks) != len(lookahead):
+            raise ValueError(f"one look-ahead per block size: got blocks {list(blocks)} and look-ahead "
+                             f"{list(lookahead)}")
+        if not prompt.codes:
+            raise ValueError("streaming needs a voice prompt with speech codes, as released")
+        ends = block_ends(len(codes), blocks)
+        stitcher, cache = Stitcher(self.sample_rate, crossfade_s), None
+        pattern = [PROMPT_BLOCK_TOKENS, *blocks]
+        hop = self.sample_rate // int(self.flow.cfg.mel_framerate)
+        for k, end in enumerate(ends):
+            mel, cache = self.flow.generate_streaming(self._flow_input(codes[:end], prompt), flow_steps, pattern,
+                                                      cache)
+            audio = self.vocoder(mel[None].float())[0].cpu().numpy()
+            ahead = lookahead[min(k, len(lookahead) - 1)]
+            cache.settled_frames = settled_frames(len(audio), ahead, self.flow.cfg.input_frame_rate,
+                                                  self.sample_rate, hop)
+            yield stitcher.add(audio, ahead / self.flow.cfg.input_frame_rate, last=k == len(ends) - 1)
 
 
 class MelUnitCodec:

@@ -262,9 +262,9 @@ class DiT(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.mel_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor,
-                keep: torch.Tensor, spk: torch.Tensor | None) -> torch.Tensor:
+                keep: torch.Tensor, spk: torch.Tensor | None, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity ``[B, T, mel]``. ``tokens`` are stretched to the frames; ``keep`` is ``[B, T]`` bool (False on
-        padding)."""
+        padding); ``block_mask`` ``[T, T]`` bool limits what each frame attends to (streaming)."""
         emb = self.time_embed(t)
         if spk is not None:
             emb = torch.cat([emb, spk], dim=-1)
@@ -272,6 +272,8 @@ class DiT(nn.Module):
         h = self.emb_concator(x, cond, self.text_emb_layer(tokens, keep3), keep3)
         rope, _ = self.rotary_embed.forward_from_seq_len(x.shape[1])
         attn_mask = None if bool(keep.all()) else keep[:, None, None, :]
+        if block_mask is not None:
+            attn_mask = block_mask[None, None] if attn_mask is None else attn_mask & block_mask[None, None]
         for block in self.transformer_blocks:
             h = block(h, emb, keep3, rope, attn_mask)
         scale, shift = self.norm_out(emb)
@@ -331,6 +333,29 @@ class FlowMatching(nn.Module):
                  noise: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Mel ``[mel, frames]`` of each utterance's new tokens (the prompt's frames are dropped). ``noise``: the
         starting point per utterance, ``[frames, mel]`` (default: standard normal)."""
+        mels, _ = self._sample(items, steps, noise)
+        return mels
+
+    @torch.inference_mode()
+    def generate_streaming(self, item: FlowInput, steps: int, block_pattern: Sequence[int],
+                           cache: StreamingCache | None = None) -> tuple[torch.Tensor, StreamingCache]:
+        """One pass of the release's streaming (``inference_with_cache``): the mel of all tokens so far under
+        block-causal attention (:func:`vocalign.policies.streaming.block_causal_mask` of ``block_pattern``, token
+        blocks, the prompt's first, sized in frames as released), each Euler step starting from the previous pass's state on its first
+        ``cache.settled_frames`` frames. Returns the mel and this pass's states, whose ``settled_frames`` the
+        caller sets before the next pass."""
+        from .streaming import block_causal_mask, mask_frames
+
+        frames = self.frames_for(len(item.prompt_tokens) + len(item.tokens))
+        device = next(self.parameters()).device
+        block_mask = block_causal_mask([mask_frames(n) for n in block_pattern], frames).to(device)
+        mels, states = self._sample([item], steps, block_mask=block_mask, cache=cache)
+        return mels[0], StreamingCache(states)
+
+    def _sample(self, items: Sequence[FlowInput], steps: int, noise: Sequence[torch.Tensor] | None = None,
+                block_mask: torch.Tensor | None = None, cache: StreamingCache | None = None
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Euler integration; returns the mels and the state entering each step (after the cache's overwrite)."""
         tokens, mel_cond, keep, speaker, frames, prompt_frames = self._conditions(items)
         cond = mel_cond
         if not self.cfg.remove_spkr_concat_condition:
@@ -345,17 +370,30 @@ class FlowMatching(nn.Module):
             schedule = 1 - torch.cos(schedule * 0.5 * math.pi)
         w = self.cfg.inference_cfg_rate
         uncond_tokens = torch.zeros_like(tokens) if self.cfg.speech_token_cfg else tokens
-        for t0, t1 in zip(schedule[:-1], schedule[1:]):
+        states = []
+        for step, (t0, t1) in enumerate(zip(schedule[:-1], schedule[1:])):
+            if cache is not None:
+                reused = min(x.shape[1], cache.settled_frames)
+                x[:, :reused] = cache.states[step][:, :reused]
+            states.append(x.clone())
             t = t0.expand(x.shape[0])
             if w > 0:  # conditional and unconditional velocities in one batched forward
                 v_both = self.estimator(
                     torch.cat([x, x]), torch.cat([cond, torch.zeros_like(cond)]),
                     torch.cat([tokens, uncond_tokens]), torch.cat([t, t]), torch.cat([keep, keep]),
-                    None if ada_spk is None else torch.cat([ada_spk, torch.zeros_like(ada_spk)]))
+                    None if ada_spk is None else torch.cat([ada_spk, torch.zeros_like(ada_spk)]), block_mask)
                 v_cond, v_uncond = v_both.chunk(2)
                 v = (1 + w) * v_cond - w * v_uncond
             else:
-                v = self.estimator(x, cond, tokens, t, keep, ada_spk)
+                v = self.estimator(x, cond, tokens, t, keep, ada_spk, block_mask)
             x = x + (t1 - t0) * v
-        return [x[i, p:n].T.contiguous() for i, (p, n) in enumerate(zip(prompt_frames, frames))]
+        return [x[i, p:n].T.contiguous() for i, (p, n) in enumerate(zip(prompt_frames, frames))], states
 
+
+@dataclass
+class StreamingCache:
+    """What a streaming pass hands the next: the ODE state entering each Euler step (``[1, frames, mel]``), and how
+    many leading frames of it the next pass reuses (set by the caller, 0 until then)."""
+
+    states: list[torch.Tensor]
+    settled_frames: int = 0

@@ -18,15 +18,16 @@ import torch
 from vocalign.rewards.audio import check_audio
 
 from .codec import GLMTTSCodec, MelUnitCodec, SpeechCodec, StreamingCodec, VoicePrompt
-from .frontend.g2p import PhonemeFrontend
+from .frontend.g2p import PhonemeFrontend, as_tokens
 from .frontend.text import normalize_text, split_text
 from .long_text import Turn, chunk_prompt
 from .sampling import RELEASED_SAMPLING, SamplingParams
 from .speech_lm import SpeechLM, TTSPrompt
+from .streaming import RELEASED_BLOCKS, RELEASED_FADE_S, RELEASED_LOOKAHEAD
 
 MEL_UNITS_DIR = "mel_units"
 
-__all__ = ["SynthesisSettings", "TTSPipeline", "VoicePrompt", "load_codec"]
+__all__ = ["SynthesisSettings", "TTSPipeline", "VoicePrompt", "lm_text", "lm_text_chunks", "load_codec"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,31 @@ class SynthesisSettings(SamplingParams):
     flow_steps: int = 10
 
 
-def load_codec(ckpt: str | Path, device: str = "cpu") -> SpeechCodec:
+def load_codec(ckpt: str | Path, device: str = "cpu", sample_rate: int | None = None) -> SpeechCodec:
     """The codec a checkpoint folder holds: ``mel_units/`` (the CPU demo), else the published GLM-TTS layout
-    (``speech_tokenizer/``, ``flow/``, ``hift/``, ``frontend/campplus.onnx``)."""
+    (``speech_tokenizer/``, ``flow/``, ``hift/`` and/or ``vocos2d/``, ``frontend/campplus.onnx``). ``sample_rate``:
+    the GLM-TTS output rate, 24000 (HiFT) or 32000 (Vocos2D); None: as the checkpoint's files allow, 24 kHz first."""
     ckpt = Path(ckpt)
     if (ckpt / MEL_UNITS_DIR).is_dir():
-        return MelUnitCodec.from_pretrained(ckpt / MEL_UNITS_DIR)
-    return GLMTTSCodec.from_pretrained(ckpt, device)
+        codec = MelUnitCodec.from_pretrained(ckpt / MEL_UNITS_DIR)
+        if sample_rate not in (None, codec.sample_rate):
+            raise ValueError(f"{ckpt} is a mel-unit checkpoint: it decodes at {codec.sample_rate} Hz only, "
+                             f"not {sample_rate}")
+        return codec
+    return GLMTTSCodec.from_pretrained(ckpt, device, sample_rate)
+
+
+def lm_text(text: str, phonemes: PhonemeFrontend | None) -> str:
+    """What the speech LM reads for a short text, as released: the normalised text, then phoneme-in if it is on
+    (G2P after normalisation, so that digits and symbols are read as the words they become)."""
+    text = normalize_text(text)
+    return phonemes.convert(text) if phonemes is not None else text
+
+
+def lm_text_chunks(text: str, phonemes: PhonemeFrontend | None) -> list[str]:
+    """What the speech LM reads for each chunk of a (possibly long) text, in the release's order: normalise, split
+    into 30-60 character chunks, then :func:`lm_text` of each chunk."""
+    return [lm_text(chunk, phonemes) for chunk in split_text(normalize_text(text))]
 
 
 class TTSPipeline:
@@ -52,6 +71,13 @@ class TTSPipeline:
         if speech_lm.vocab.num_codes != codec.num_codes:
             raise ValueError(f"the speech LM has {speech_lm.vocab.num_codes} speech tokens but the codec "
                              f"{codec.num_codes} codes")
+        if phonemes is not None and phonemes.g2p.inventory is not None:
+            vocab = speech_lm.tokenizer.get_vocab()
+            missing = sorted(p for p in phonemes.g2p.inventory if as_tokens([p]) not in vocab)
+            if missing:
+                raise ValueError(f"phoneme-in: the speech LM's tokenizer has no token for {len(missing)} phonemes "
+                                 f"(e.g. {as_tokens(missing[:3])}); this checkpoint was not trained with phoneme "
+                                 "input, so synthesise without phonemes")
         self.lm, self.codec, self.phonemes = speech_lm, codec, phonemes
         self.sample_rate = codec.sample_rate
         self.max_context = 750  # LM prompt tokens (text + speech) a long text's chunk may carry, as released
@@ -59,13 +85,14 @@ class TTSPipeline:
     @classmethod
     def from_pretrained(cls, ckpt: str | Path, *, trust_remote_code: bool = False,
                         phonemes: PhonemeFrontend | None = None, adapter: str | Path | None = None,
-                        device: str = "cpu") -> TTSPipeline:
-        """A checkpoint folder: ``llm/`` and ``vq32k-phoneme-tokenizer/`` plus a codec (:func:`load_codec`).
-        ``adapter``: a peft LoRA folder (a custom voice), merged into the speech LM."""
+                        device: str = "cpu", sample_rate: int | None = None) -> TTSPipeline:
+        """A checkpoint folder: ``llm/`` and ``vq32k-phoneme-tokenizer/`` plus a codec (:func:`load_codec`, which
+        ``sample_rate`` goes to). ``adapter``: a peft LoRA folder (a custom voice), merged into the speech LM.
+        ``phonemes``: phoneme-in (the release's ``use_phoneme``), applied to each chunk after normalisation."""
         ckpt = Path(ckpt)
         if not ckpt.is_dir():
             raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
-        codec = load_codec(ckpt, device)
+        codec = load_codec(ckpt, device, sample_rate)
         lm = SpeechLM.from_pretrained(ckpt, num_codes=codec.num_codes, trust_remote_code=trust_remote_code,
                                       device=device)
         if adapter is not None:
@@ -81,8 +108,7 @@ class TTSPipeline:
         return VoicePrompt(normalize_text(text), codes, condition)
 
     def text_input(self, text: str) -> str:
-        text = normalize_text(text)
-        return self.phonemes.convert(text) if self.phonemes is not None else text
+        return lm_text(text, self.phonemes)
 
     # ------------------------------------------------------------------ stages
     def generate_codes(self, texts: Sequence[str], prompts: Sequence[VoicePrompt], num_generations: int = 1,
@@ -110,8 +136,7 @@ class TTSPipeline:
         (:func:`vocalign.policies.long_text.chunk_prompt`), so that voice and prosody carry across chunks."""
         voice = Turn.of(self.lm.text_ids(prompt.text + " "), prompt.codes)  # prompt.text is already normalised
         history: list[Turn] = []
-        for chunk in split_text(normalize_text(text)):
-            chunk_text = self.text_input(chunk)
+        for chunk_text in lm_text_chunks(text, self.phonemes):
             chunk_ids = self.lm.text_ids(chunk_text)
             context = chunk_prompt(voice, history, chunk_ids, self.max_context)
             request = TTSPrompt(chunk_text, prompt.text, context.codes, prompt_text_ids=context.text_ids)
@@ -127,10 +152,11 @@ class TTSPipeline:
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
     def stream(self, text: str, prompt: VoicePrompt, settings: SynthesisSettings = SynthesisSettings(),
-               blocks: Sequence[int] = (25, 50, 200), lookahead: Sequence[int] = (12, 25, 100),
-               crossfade_s: float = 0.1) -> Iterator[np.ndarray]:
-        """Audio in pieces as token blocks become ready (25, 50, 200, then 200 tokens), each block's audio computed
-        with a look-ahead of tokens past its end (codecs that stream: GLM-TTS's flow and HiFT)."""
+               blocks: Sequence[int] = RELEASED_BLOCKS, lookahead: Sequence[int] = RELEASED_LOOKAHEAD,
+               crossfade_s: float = RELEASED_FADE_S) -> Iterator[np.ndarray]:
+        """Audio in pieces as token blocks become ready (25, 50, 200, then 200 tokens), as the release streams
+        (:mod:`vocalign.policies.streaming`; codecs that stream: GLM-TTS's, with either vocoder). Long text: chunk
+        by chunk, each chunk streamed once its codes are generated."""
         if not isinstance(self.codec, StreamingCodec):
             raise ValueError(f"{type(self.codec).__name__} does not stream; synthesise offline instead")
         for codes in self.long_text_codes(text, prompt, settings):

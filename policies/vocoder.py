@@ -124,6 +124,7 @@ class HiFT(nn.Module):
     def __init__(self, cfg: HiFTConfig = HiFTConfig()) -> None:
         super().__init__()
         self.cfg = cfg
+        self.sample_rate = cfg.sampling_rate
         base, n_spec = cfg.base_channels, cfg.n_fft + 2
         self.m_source = HarmonicSource(cfg)
         self.conv_pre = weight_norm(nn.Conv1d(cfg.in_channels, base, 7, padding=3))

@@ -11,6 +11,7 @@ for training; the release ships only a TorchScript generator (``vocos2d/generato
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Vocos2D(nn.Module):
     def __init__(self, cfg: Vocos2DConfig = Vocos2DConfig()) -> None:
         super().__init__()
         self.cfg = cfg
+        self.n_fft, self.hop = cfg.n_fft, cfg.hop  # plain ints, so that the model compiles to TorchScript
         self.input = nn.Conv2d(1, cfg.channels, 1)
         self.freq_embedding = nn.Parameter(torch.zeros(1, cfg.channels, cfg.n_mels, 1))
         self.blocks = nn.ModuleList(ConvNeXt2DBlock(cfg.channels, cfg.expansion, cfg.kernel) for _ in range(cfg.depth))
@@ -68,14 +70,27 @@ class Vocos2D(nn.Module):
         x = self.norm(x)
         b, c, f, t = x.shape
         spec = self.head(x.reshape(b, c * f, t))
-        half = self.cfg.n_fft // 2 + 1
+        half = self.n_fft // 2 + 1
         magnitude = torch.exp(spec[:, :half]).clamp(max=1e2)
         phase = spec[:, half:]
         stft = torch.polar(magnitude, phase)
         # centred frames, trimmed so that T frames give exactly T * hop samples
-        audio = torch.istft(stft, self.cfg.n_fft, self.cfg.hop, window=self.window, center=True,
-                            length=t * self.cfg.hop)
+        audio = torch.istft(stft, self.n_fft, self.hop, window=self.window, center=True, length=t * self.hop)
         return audio
+
+
+class ReleasedGeneratorInterface(nn.Module):
+    """A :class:`Vocos2D` behind the released generator's interface (``[B, T, 80]`` mel offset by ``MEL_LOGDIFF``
+    in, ``[B, samples]`` out), so that a model of ours, compiled to TorchScript, loads where the release's does (the
+    tiny checkpoints' ``vocos2d/generator_jit.ckpt``)."""
+
+    def __init__(self, generator: Vocos2D) -> None:
+        super().__init__()
+        self.generator = generator
+        self.mel_offset = MEL_LOGDIFF
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.generator((mel - self.mel_offset).transpose(1, 2))
 
 
 class Vocos2DTorchScript:
@@ -95,3 +110,9 @@ class Vocos2DTorchScript:
         if mel.shape[-1] == 1:  # the released generator needs at least two frames
             mel = torch.cat([mel, mel], dim=-1)
         return self.model(mel.transpose(-1, -2) + MEL_LOGDIFF)
+
+    def batch(self, mels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Audio of mels of different lengths (``[80, frames]`` each), one call per mel: the generator's 2D
+        convolutions would see a padded neighbour's frames, and its output length for padded input is not
+        documented."""
+        return [self(mel[None])[0] for mel in mels]

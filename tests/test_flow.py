@@ -44,7 +44,7 @@ class ConstantVelocityDouble(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the flow a device
 
-    def forward(self, x, cond, tokens, t, keep, spk):
+    def forward(self, x, cond, tokens, t, keep, spk, block_mask=None):
         conditional = (cond.abs().sum(dim=(1, 2)) > 0).float()[:, None, None]
         return conditional * torch.ones_like(x) + (1 - conditional) * 3 * torch.ones_like(x)
 

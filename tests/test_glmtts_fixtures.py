@@ -9,17 +9,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vocalign.policies.checkpoints import TINY_CHARACTERS, write_vocos2d
+from vocalign.policies.codec import FlowCondition, GLMTTSCodec, VoicePrompt
 from vocalign.policies.flow import FlowConfig, FlowInput, FlowMatching
+from vocalign.policies.frontend.g2p import RELEASE_TABLES, PhonemeFrontend, read_inventory
 from vocalign.policies.frontend.text import normalize_text, split_text
+from vocalign.policies.frontend.tokenizer import build_char_tokenizer
 from vocalign.policies.long_text import Turn, chunk_prompt
 from vocalign.policies.mel import MEL_24K, log_mel
+from vocalign.policies.pipeline import lm_text_chunks
 from vocalign.policies.sampling import filter_logits, sample
 from vocalign.policies.speech_tokenizer import SpeechTokenizer
+from vocalign.policies.streaming import RELEASED_BLOCKS, RELEASED_FADE_S, RELEASED_LOOKAHEAD, block_causal_mask
 from vocalign.policies.vocoder import HiFT, HiFTConfig
+from vocalign.policies.vocos2d import Vocos2DConfig, Vocos2DTorchScript
 
-from .conftest import REPO
+from .conftest import REPO, SHARED
 
 FIXTURES = REPO / "tests" / "fixtures" / "glmtts"
+G2P_TABLES = SHARED / "glmtts-data"  # the release's configs/ G2P files
 
 
 def weights(tensors: dict, prefix: str = "weights.") -> dict:
@@ -104,12 +112,18 @@ def test_long_text_prompts_match_the_release():
 
 
 # ------------------------------------------------------------------------------------------------ flow, HiFT
-def test_flow_mel_matches_the_release():
-    data = load_file(FIXTURES / "flow.safetensors")
+def fixture_flow() -> FlowMatching:
+    """The tiny flow of flow.safetensors (its weights are those the release ran with)."""
     flow = FlowMatching(FlowConfig(vocab_size=64, speech_token_dim=32, trans_dim=32, depth=2, heads=2, dim_head=16,
                                    conv_layers=2, spkr_emb_adaLN=True, remove_spkr_concat_condition=True))
-    flow.load_state_dict(weights(data))
-    mel = flow.eval().generate([FlowInput(data["tokens"], data["prompt_tokens"], data["prompt_mel"], data["speaker"])],
+    flow.load_state_dict(weights(load_file(FIXTURES / "flow.safetensors")))
+    return flow.eval()
+
+
+def test_flow_mel_matches_the_release():
+    data = load_file(FIXTURES / "flow.safetensors")
+    flow = fixture_flow()
+    mel = flow.generate([FlowInput(data["tokens"], data["prompt_tokens"], data["prompt_mel"], data["speaker"])],
                                steps=4, noise=[data["noise"]])[0]
     # 20 prompt tokens + 16 new -> 72 frames; the prompt's 39 mel frames are dropped, as released
     assert mel.shape == data["mel"].shape == (80, 33)
@@ -124,6 +138,46 @@ def test_hift_audio_matches_the_release():
     audio = hift.eval()(data["mel"][None])[0]
     assert audio.shape == data["audio"].shape == (24 * 480,)
     torch.testing.assert_close(audio, data["audio"], atol=1e-6, rtol=0)  # measured 1.1e-7
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def test_block_causal_mask_matches_the_release():
+    released = load_file(FIXTURES / "stream.safetensors")["block_mask_2_4_8"].bool()
+    assert torch.equal(block_causal_mask([2, 4, 8], 40), released)
+
+
+def test_streaming_matches_the_releases_token2wav_stream(tmp_path):
+    data = load_file(FIXTURES / "stream.safetensors")
+    flow = fixture_flow()
+    torch.manual_seed(12)  # the tiny Vocos2D the release ran, rebuilt from its seed
+    write_vocos2d(tmp_path / "generator_jit.ckpt", Vocos2DConfig(channels=4, depth=1))
+    tokenizer_stand_in = SimpleNamespace(encoder=SimpleNamespace(config=SimpleNamespace(quantize_vocab_size=64)))
+    codec = GLMTTSCodec(tokenizer_stand_in, flow, Vocos2DTorchScript(tmp_path / "generator_jit.ckpt"), speaker=None)
+    prompt = VoicePrompt("", data["prompt_tokens"].tolist(), FlowCondition(data["prompt_mel"], data["speaker"]))
+    mels, generate_streaming = [], flow.generate_streaming
+    flow.generate_streaming = lambda *args: (lambda out: (mels.append(out[0]), out)[1])(generate_streaming(*args))
+    torch.manual_seed(3)  # each pass's starting noise, drawn in the release's order
+    pieces = list(codec.stream(data["tokens"].tolist(), prompt, 10, RELEASED_BLOCKS, RELEASED_LOOKAHEAD,
+                               RELEASED_FADE_S))
+    # 100 tokens: blocks of 25, 50 and 25, each pass's mel over all tokens so far (the prompt's 39 frames dropped)
+    assert [m.shape[1] for m in mels] == [51, 151, 201]
+    for k, mel in enumerate(mels):  # measured 4.8e-7 on mels up to about 4
+        torch.testing.assert_close(mel, data[f"mel.{k}"], atol=2e-6, rtol=0)
+    assert [len(p) for p in pieces] == data["piece_lengths"].tolist()
+    np.testing.assert_allclose(np.concatenate(pieces), data["audio"].numpy(), atol=1e-6, rtol=0)  # measured 4.5e-8
+
+
+# ------------------------------------------------------------------------------------------------ phoneme-in
+@pytest.mark.skipif(not G2P_TABLES.is_dir(), reason="shared/glmtts-data is not beside the checkout")
+def test_phoneme_in_prompt_ids_match_the_release():
+    phonemes = PhonemeFrontend.from_release_configs(G2P_TABLES)
+    tokenizer = build_char_tokenizer(TINY_CHARACTERS, read_inventory(G2P_TABLES / RELEASE_TABLES[0]), 64)
+    cases = json.loads((FIXTURES / "phoneme_in.json").read_text(encoding="utf-8"))["cases"]
+    for case in cases:
+        chunks = lm_text_chunks(case["text"], phonemes)
+        assert chunks == case["phoneme_chunks"], case["text"]
+        assert [tokenizer(c, add_special_tokens=False).input_ids for c in chunks] == case["chunk_ids"]
+    assert sum(len(c["chunk_ids"]) for c in cases) == 9  # the long text is three chunks, each converted
 
 
 # ------------------------------------------------------------------------------------------------ speech tokenizer

@@ -1,4 +1,5 @@
-"""End to end on the tiny checkpoint in the published layout: `vocalign synth`, offline and streaming."""
+"""End to end on the tiny checkpoint in the published layout: `vocalign synth`, offline and streaming, at 24 kHz
+(HiFT) and 32 kHz (Vocos2D), with and without phoneme-in."""
 
 import subprocess
 import sys
@@ -9,17 +10,27 @@ import soundfile as sf
 import torch
 
 from vocalign.policies.checkpoints import write_tiny_checkpoint
+from vocalign.policies.frontend.g2p import RELEASE_TABLES, PhonemeFrontend
 from vocalign.policies.frontend.text import normalize_text, split_text
-from vocalign.policies.mel import MEL_24K, log_mel
+from vocalign.policies.mel import MEL_24K, MEL_32K, log_mel
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
 from vocalign.rewards.audio import to_model_rate
 
-from .conftest import REPO
+from .conftest import REPO, SHARED
+
+G2P_TABLES = SHARED / "glmtts-data"  # the release's configs/ G2P files
+needs_tables = pytest.mark.skipif(not G2P_TABLES.is_dir(), reason="shared/glmtts-data is not beside the checkout")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def phoneme_ckpt(tmp_path_factory):
+    """A tiny checkpoint whose tokenizer has the released phoneme tokens."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("phoneme_ckpt"), phonemes_file=G2P_TABLES / RELEASE_TABLES[0])
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +47,7 @@ def test_synth_cli_writes_a_24k_wav_of_the_token_length(prompt_wav, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     assert {p.name for p in ckpt.iterdir()} == {"llm", "vq32k-phoneme-tokenizer", "speech_tokenizer", "flow", "hift",
-                                                "frontend"}
+                                                "vocos2d", "frontend"}
     out = tmp_path / "out.wav"
     result = subprocess.run([sys.executable, "-m", "vocalign.launch.cli", "synth", "--ckpt", str(ckpt),
                              "--text", "今天天气很好。", "--prompt-wav", str(prompt_wav), "--prompt-text", "你好",
@@ -102,3 +113,51 @@ def test_long_text_chunks_carry_earlier_chunks_within_the_context_budget(ckpt, p
     pipeline.max_context = 10  # too small for any history: chunks fall back to the voice prompt alone
     list(pipeline.long_text_codes(text, prompt, SynthesisSettings(max_new_tokens=20)))
     assert [p.prompt_codes for p in seen] == [prompt.codes, prompt.codes]
+
+
+def test_32k_decodes_with_vocos2d_from_a_32k_prompt_mel_offline_and_streaming(ckpt, prompt_wav):
+    pipeline = TTSPipeline.from_pretrained(ckpt, sample_rate=32000)
+    assert pipeline.sample_rate == 32000
+    audio, rate = sf.read(prompt_wav, dtype="float32")
+    prompt = pipeline.prepare_prompt(audio, rate, "你好")
+    # the prompt's mel condition at 32 kHz settings (n_fft 2560, hop 640), as the release's 32 kHz front end
+    torch.testing.assert_close(prompt.condition.mel,
+                               log_mel(torch.from_numpy(to_model_rate(audio, rate, 32000)), MEL_32K).T)
+    torch.manual_seed(0)
+    out = pipeline.codes_to_audio([[1, 2, 3], [], list(range(40))], [prompt] * 3, flow_steps=2)
+    assert [len(a) for a in out] == [3 * 1280, 0, 40 * 1280]  # two 640-sample frames per code
+    pieces = list(pipeline.codec.stream(list(range(40)) * 2, prompt, 2, (25, 50, 200), (12, 25, 100), 0.1))
+    # blocks of 25, 50 and 5 codes; the first piece holds back its 12-code look-ahead and the 0.1 s fade
+    assert len(pieces) == 3 and len(pieces[0]) == 25 * 1280 - int(32000 * (12 / 25 + 0.1))
+    assert sum(len(p) for p in pieces) == 80 * 1280
+
+
+@needs_tables
+def test_synth_cli_32k_streaming_with_phonemes(phoneme_ckpt, prompt_wav, tmp_path):
+    out = tmp_path / "out.wav"
+    result = subprocess.run([sys.executable, "-m", "vocalign.launch.cli", "synth", "--ckpt", str(phoneme_ckpt),
+                             "--text", "他是老饕餮。", "--prompt-wav", str(prompt_wav), "--prompt-text", "你好",
+                             "--out", str(out), "--seed", "0", "--flow-steps", "2", "--sample-rate", "32000",
+                             "--stream", "--phonemes", str(G2P_TABLES)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    audio, rate = sf.read(out)
+    assert rate == 32000 and len(audio) % 1280 == 0 and len(audio) >= 2 * 1280
+
+
+@needs_tables
+def test_phoneme_in_reaches_the_lm_and_needs_a_tokenizer_with_phonemes(ckpt, phoneme_ckpt, prompt_wav, monkeypatch):
+    phonemes = PhonemeFrontend.from_release_configs(G2P_TABLES)
+    with pytest.raises(ValueError, match=r"phoneme-in: the speech LM's tokenizer has no token for 204 phonemes"):
+        TTSPipeline.from_pretrained(ckpt, phonemes=phonemes)
+    pipeline = TTSPipeline.from_pretrained(phoneme_ckpt, phonemes=phonemes)
+    audio, rate = sf.read(prompt_wav, dtype="float32")
+    prompt = pipeline.prepare_prompt(audio, rate, "你好")
+    seen = []
+    encode = pipeline.lm.encode
+    monkeypatch.setattr(pipeline.lm, "encode", lambda p: (seen.append(p), encode(p))[1])
+    pipeline.generate_codes(["他是老饕餮"], [prompt], sampling=SynthesisSettings(max_new_tokens=4))
+    assert seen[0].text == "他是老<|T|><|AO1|><|T|><|IE4|>。"  # normalised, then the rare characters as phonemes
+    assert pipeline.lm.text_ids(seen[0].text)[3:5] == [pipeline.lm.tokenizer.convert_tokens_to_ids(t)
+                                                       for t in ("<|T|>", "<|AO1|>")]
+    assert seen[0].prompt_text == "你好。"  # the voice prompt's text stays text, as released

@@ -1,10 +1,15 @@
-"""HiFT: the released layout loads (legacy weight-norm names included), 480 samples per frame, bounded output."""
+"""Vocoders: HiFT's released layout loads (legacy weight-norm names included), 480 samples per frame, bounded
+output; the vocoder is chosen as the release chooses it; the tiny Vocos2D runs behind the released interface."""
+
+import shutil
 
 import pytest
 import torch
 
 from vocalign.policies.checkpoints import write_tiny_checkpoint
+from vocalign.policies.codec import checkpoint_sample_rate, load_vocoder
 from vocalign.policies.vocoder import HiFT, HiFTConfig
+from vocalign.policies.vocos2d import Vocos2DTorchScript
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +94,33 @@ def test_batched_vocoding_matches_one_at_a_time_but_for_the_padded_tail():
         alone = hift(mel[None])[0]
         torch.testing.assert_close(audio[:-tail], alone[:-tail], atol=1e-5, rtol=1e-4)
     assert hift.batch([]) == []
+
+
+def test_the_vocoder_is_chosen_as_released_and_missing_files_are_named(ckpt, tmp_path):
+    assert checkpoint_sample_rate(ckpt) == 24000  # HiFT first, the release's default
+    assert checkpoint_sample_rate(ckpt, 32000) == 32000
+    only_vocos = tmp_path / "only_vocos"
+    shutil.copytree(ckpt, only_vocos, ignore=shutil.ignore_patterns("hift"))
+    assert checkpoint_sample_rate(only_vocos) == 32000
+    with pytest.raises(FileNotFoundError, match=r"24000 Hz output needs .*hift/hift\.pt, which is missing; this "
+                                                r"checkpoint has 32000 \(vocos2d/generator_jit\.ckpt\)"):
+        checkpoint_sample_rate(only_vocos, 24000)
+    (only_vocos / "vocos2d" / "generator_jit.ckpt").unlink()
+    with pytest.raises(FileNotFoundError, match="has no vocoder: expected hift/hift.pt or vocos2d/generator_jit.ckpt"):
+        checkpoint_sample_rate(only_vocos)
+    with pytest.raises(ValueError, match=r"sample_rate 22050 is not one of the released vocoders' rates"):
+        checkpoint_sample_rate(ckpt, 22050)
+
+
+def test_tiny_vocos2d_has_the_released_generators_interface(ckpt):
+    vocoder = load_vocoder(ckpt, 32000)
+    assert isinstance(vocoder, Vocos2DTorchScript) and vocoder.sample_rate == 32000
+    torch.manual_seed(0)
+    mel = torch.randn(80, 25) - 5
+    audio = vocoder(mel[None])[0]
+    assert audio.shape == (25 * 640,) and torch.isfinite(audio).all()
+    # the wrapper adds the release's offset and the scripted generator takes it off again: our mel reaches Vocos2D
+    torch.testing.assert_close(audio, vocoder.model.generator(mel[None])[0])
+    short, long = vocoder.batch([mel[:, :7], mel])
+    torch.testing.assert_close(short, vocoder(mel[None, :, :7])[0])
+    torch.testing.assert_close(long, audio)

@@ -24,9 +24,18 @@ logger = logging.getLogger(__name__)
 
 _RETROFLEX = {"zh", "ch", "sh", "r"}
 _DENTAL = {"z", "c", "s"}
+# the release's configs/ files phoneme-in reads: the phoneme inventory, the replace dictionary, the characters read as text
+RELEASE_TABLES = ("G2P_all_phonemes.json", "G2P_replace_dict.jsonl", "G2P_able_1word.json")
 # characters pypinyin misreads, read as a character with the intended reading (as the release's G2P does before
 # segmenting and looking up pinyin): 嗯 as en1 (恩), 呣 as mu3 (母)
 READ_AS = str.maketrans({"嗯": "恩", "呣": "母"})
+
+
+def read_inventory(path: str | Path) -> list[str]:
+    """Phoneme symbols of ``G2P_all_phonemes.json`` (index -> symbol, or a list), in the file's order: the order in
+    which a tokenizer built from it numbers them."""
+    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    return list(table.values() if isinstance(table, dict) else table)
 
 
 def syllable_phonemes(initial: str, final_tone: str) -> list[str]:
@@ -98,8 +107,7 @@ class PhonemeFrontend:
         """The released data files: ``G2P_all_phonemes.json`` (index -> symbol), replace dictionaries as JSON lines
         of ``{word: replacement}`` (later files override earlier ones), ``G2P_able_1word.json`` (characters read as
         text)."""
-        inventory = json.loads(Path(phonemes).read_text(encoding="utf-8"))
-        symbols = inventory.values() if isinstance(inventory, dict) else inventory
+        symbols = read_inventory(phonemes)
         replace: dict[str, str] = {}
         for path in replace_dicts:
             for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -114,6 +122,18 @@ class PhonemeFrontend:
                 replace.update(entry)
         readable = json.loads(Path(readable_chars).read_text(encoding="utf-8")) if readable_chars else None
         return cls(ChineseG2P(symbols), replace, readable)
+
+    @classmethod
+    def from_release_configs(cls, folder: str | Path) -> PhonemeFrontend:
+        """The tables the release's ``use_phoneme`` reads, from a folder laid out as its ``configs/``:
+        ``G2P_all_phonemes.json``, ``G2P_replace_dict.jsonl`` and ``G2P_able_1word.json``."""
+        folder = Path(folder)
+        missing = [name for name in RELEASE_TABLES if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"phoneme-in needs the release's G2P tables in {folder}; missing {missing} "
+                                    "(they are in the release's configs/ folder)")
+        inventory, replace, readable = (folder / name for name in RELEASE_TABLES)
+        return cls.from_files(inventory, [replace], readable)
 
     def _replace_longest(self, text: str) -> list[tuple[str, bool]]:
         """Split into (piece, fixed) where fixed pieces come from the dictionary and are never touched again."""
