@@ -11,12 +11,15 @@ the unaltered text. A case is a hit when some span with a negative value overlap
 An inserted digit is never the same as a neighbour: "one two two three" against "one two three" is ambiguous (either
 "two" is the extra one), which no aligner can settle.
 
+``--codec`` passes every utterance through the demo TTS's codec (mel units and Griffin-Lim, 25 Hz codes), so the
+recogniser hears what the demo policy's speech sounds like; the codec keeps time, so the true word times hold.
+
 Reported: the hit rate (target >= 90%), per alteration; how often pocketsphinx heard the altered text exactly; the
 mean number of negative spans per utterance that miss the true word (false alarms, mostly the recogniser's own
 errors elsewhere); the mean share of an utterance's audio marked wrong (marking everything would hit every time: this
 says how much narrower the spans are).
 
-Run: .venv/bin/python bench/span_alignment.py [--n 60] [--seed 0] [--quick]   (--quick: 8 utterances, ~5 s)
+Run: .venv/bin/python bench/span_alignment.py [--n 60] [--seed 0] [--codec] [--quick]   (--quick: 8 utterances)
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import json
 import random
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
+from vocalign.policies.mel_units import MelUnits
+from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import Sample
 from vocalign.rewards.cer import CERReward
 from vocalign.rewards.pocketsphinx_asr import PocketSphinxASR
@@ -41,6 +47,7 @@ VOICES = ["en-us+klatt", "en-us+f4", "en-us+m5", "en-us+david"]
 SPEED = 150  # espeak-ng words per minute, as the demo speaks
 QUIET_DB = 40.0  # a frame more than this below the altered word's loudest frame is silence around it
 FRAME_S = 0.005
+DEMO_UNITS = Path(__file__).resolve().parents[1] / "policies" / "demo" / "ckpt" / "mel_units"
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,14 @@ def make_cases(n: int, seed: int = 0, pad_s: float = 0.25) -> list[Case]:
     return [make_case(rng, VOICES[i % len(VOICES)], pad_s) for i in range(n)]
 
 
+def through_demo_codec(cases: list[Case]) -> list[Case]:
+    """The cases as the demo's codec renders them: 16 kHz, encoded to mel units and decoded by Griffin-Lim."""
+    units = MelUnits.load(DEMO_UNITS)
+    rate = units.cfg.sample_rate
+    return [replace(c, audio=units.decode(units.encode(to_model_rate(c.audio, c.sample_rate, rate))), sample_rate=rate)
+            for c in cases]
+
+
 def demo_cer_reward() -> CERReward:
     """The demo recipe's CER reward (configs/grpo_demo_cpu.yaml), in this process."""
     return CERReward(transcribers={"en": PocketSphinxASR(vocabulary=DIGITS,
@@ -133,11 +148,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60, help="utterances (at least 50 for the check)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pad-s", type=float, default=0.25, help="silence each side of the altered word")
+    parser.add_argument("--codec", action="store_true", help="through the demo TTS's codec (Griffin-Lim speech)")
     parser.add_argument("--quick", action="store_true", help="8 utterances, a smoke run")
     args = parser.parse_args()
     n = 8 if args.quick else args.n
     t0 = time.perf_counter()
     cases = make_cases(n, args.seed, args.pad_s)
+    if args.codec:
+        cases = through_demo_codec(cases)
     figures = measure(cases, demo_cer_reward())
     figures["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(figures))
