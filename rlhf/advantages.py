@@ -166,3 +166,42 @@ def compute_advantages(
         centre = group_centre
     advantages = _standardise(fused, centre, std, scale, eps, std_tolerance)
     return advantages if everything_valid else advantages.masked_fill(~valid, 0.0)
+
+
+def token_advantages(
+    advantages: torch.Tensor,
+    token_values: Sequence[torch.Tensor],
+    touched: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    std_tolerance: float = 1e-6,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Per-token advantages ``[P, G, C]``: the sequence-level ``advantages`` ``[P, G]`` of every token, plus, for
+    each localised reward k, ``w_k * z_k`` where ``z_k`` is its per-token value ``[P, G, C]`` z-scored within the
+    group over the tokens it ``touched`` (0 elsewhere, and where the group's touched tokens do not vary).
+
+    The sequence-level term says how good the utterance was; the localised one moves credit between tokens of the
+    group: tokens in words the recogniser got wrong lose, tokens in words it got right gain, whatever the utterance's
+    total. Normalising within the group makes the term's scale independent of the reward's units, as step 1 of the
+    hierarchy does for sequence rewards. A sample with no touched token gets the sequence-level advantage only.
+    """
+    if not token_values:
+        raise ValueError("token_advantages needs at least one localised reward")
+    out = advantages.unsqueeze(-1).expand_as(token_values[0]).to(token_values[0].dtype).clone()
+    for values, mask, weight in zip(token_values, touched, weights, strict=True):
+        out += weight * localised_term(values, mask, std_tolerance=std_tolerance, eps=eps)
+    return out
+
+
+def localised_term(values: torch.Tensor, touched: torch.Tensor, *, std_tolerance: float = 1e-6,
+                   eps: float = 1e-4) -> torch.Tensor:
+    """One localised reward's per-token values ``[P, G, C]`` z-scored within each group over its touched tokens;
+    0 on untouched tokens and in groups whose touched tokens do not vary."""
+    if values.shape != touched.shape or values.dim() != 3:
+        raise ValueError(f"token values {tuple(values.shape)} and touched {tuple(touched.shape)} must both be "
+                         "[P, G, C]")
+    p = values.shape[0]
+    flat, mask = values.reshape(p, -1), touched.reshape(p, -1).bool()
+    z = _standardise(flat, group_mean(flat, 1, mask), group_std(flat, 1, mask), True, eps, std_tolerance)
+    return z.masked_fill(~mask, 0.0).view_as(values)

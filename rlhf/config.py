@@ -90,6 +90,9 @@ class GRPOConfig:
 
     # rewards
     reward_weights: dict[str, float] = field(default_factory=dict)  # a reward not listed weighs 1.0
+    # token-level credit: rewards whose spans (where in the output they found errors) add a per-token term, z-scored
+    # within the group, with this weight, to the sequence-level advantage (advantages.token_advantages); {}: off
+    token_reward_weights: dict[str, float] = field(default_factory=dict)
     normalization: str = "hierarchical"
     scale_rewards: str = "group"
     std_tolerance: float = 1e-6

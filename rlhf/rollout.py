@@ -133,6 +133,14 @@ class RolloutEnv(Protocol):
         """Figures of the latest :meth:`rollout` logged with the step (e.g. ``time/speech_lm_s``); none by default."""
         return {}
 
+    def localise(self, rollouts: Rollouts, spans: Sequence[Sequence[tuple[float, float, float]]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token values and touched flags ``[N, C]`` (aligned with ``completion_mask``) for each sample's spans
+        (``(start, end, value)`` over its output, e.g. seconds of audio): only the environment knows which tokens
+        made which stretch of output. Needed for ``token_reward_weights``; environments without it refuse."""
+        raise NotImplementedError(f"{type(self).__name__} cannot map reward spans to tokens; remove "
+                                  "trainer.token_reward_weights or implement RolloutEnv.localise")
+
 
 @dataclass
 class Scores:
@@ -145,6 +153,9 @@ class Scores:
 
     rewards: Mapping[str, Sequence[float | None]]
     invalid: Mapping[str, Sequence[bool]] = field(default_factory=dict)
+    # per reward, per sample: where in the sample's output the reward found what it scored, as (start, end, value)
+    # in the environment's units (seconds of audio for TTS); see RolloutEnv.localise
+    spans: Mapping[str, Sequence[Sequence[tuple[float, float, float]]]] = field(default_factory=dict)
 
 
 @runtime_checkable

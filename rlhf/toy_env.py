@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vocalign.policies.sampling import sample
 
-from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer
+from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer, Scores
+from .token_credit import token_value_grid
 
 
 @dataclass
@@ -91,6 +92,13 @@ class ToyEnv(RolloutEnv):
         return Rollouts(ids, mask, out.tokens, out.mask, out.logps, num_generations, entropies=out.entropy,
                         stopped=out.stopped)
 
+    def localise(self, rollouts: Rollouts, spans: Sequence[Sequence[tuple[float, float, float]]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The toy's output is its tokens: span ``(a, b, v)`` covers completion tokens a to b - 1 (one per unit)."""
+        values, touched = token_value_grid(spans, rollouts.completion_mask.sum(-1).tolist(),
+                                           rollouts.completion_ids.shape[1], token_rate_hz=1.0)
+        return torch.from_numpy(values), torch.from_numpy(touched)
+
 
 class ToyScorer(Scorer):
     """Rewards computed from the sampled tokens alone."""
@@ -100,9 +108,13 @@ class ToyScorer(Scorer):
     def __init__(self, cfg: ToyConfig) -> None:
         self.targets = torch.tensor(cfg.target_tokens)
 
-    def score(self, rollouts: Rollouts) -> dict[str, list[float]]:
+    def score(self, rollouts: Rollouts) -> Scores:
+        """``hits`` says where, too: a span of value 1 on each target token, 0 on every other (one unit a token)."""
         tokens, mask = rollouts.completion_ids.cpu(), rollouts.completion_mask.cpu().bool()
         lengths = mask.sum(-1).clamp(min=1)
-        hits = (torch.isin(tokens, self.targets) & mask).sum(-1) / lengths
+        on_target = torch.isin(tokens, self.targets) & mask
+        hits = on_target.sum(-1) / lengths
         distinct = torch.tensor([len(set(row[m].tolist())) for row, m in zip(tokens, mask)]) / lengths
-        return {"hits": hits.tolist(), "sim": distinct.tolist()}
+        spans = [[(float(t), float(t + 1), float(on_target[i, t])) for t in range(int(mask[i].sum()))]
+                 for i in range(len(tokens))]
+        return Scores({"hits": hits.tolist(), "sim": distinct.tolist()}, spans={"hits": spans})

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from trl.models.utils import unwrap_model_for_generation
 
-from .advantages import compute_advantages, rewards_to_tensor, scored_samples
+from .advantages import compute_advantages, localised_term, rewards_to_tensor, scored_samples, token_advantages
 from .batching import plan_micro_batches
 from .checkpointing import save_checkpoint, save_final
 from .config import GRPOConfig
@@ -58,6 +58,11 @@ class GRPOTrainer:
         unknown_ignored = sorted(set(config.resample.ignore) - set(self.reward_names))
         if unknown_ignored:
             raise ValueError(f"resample.ignore names {unknown_ignored}, which are not rewards {self.reward_names}")
+        unknown_localised = sorted(set(config.token_reward_weights) - set(self.reward_names))
+        if unknown_localised:
+            raise ValueError(f"token_reward_weights names {unknown_localised}, which are not rewards "
+                             f"{self.reward_names}")
+        self.localised = list(config.token_reward_weights)
         if not prompts:
             raise ValueError("the prompt set is empty")
         self.setup = prepare_training(model, config, accelerator)
@@ -118,7 +123,7 @@ class GRPOTrainer:
                                   min_new_tokens=cfg.min_completion_length,
                                   synced_processes=self.setup.synced_generation)
         t0 = time.perf_counter()
-        rollouts, rewards, invalid, rounds, still_flat = self.generate_and_score(prompts, sampling)
+        rollouts, rewards, invalid, spans, rounds, still_flat = self.generate_and_score(prompts, sampling)
         self.last_rollouts = rollouts
         t_rollout = time.perf_counter() - t0
 
@@ -133,16 +138,21 @@ class GRPOTrainer:
         advantages[all_still_flat] = 0.0  # a group still flat after resampling carries no signal
         mine = slice(accelerator.process_index * len(prompts), (accelerator.process_index + 1) * len(prompts))
         scored = scored_samples(all_rewards)[mine].reshape(-1)
+        my_advantages = advantages[mine].reshape(-1).float()
+        credit_metrics = {}
+        if self.localised:  # groups never span processes, so the per-token term is computed where they are
+            my_advantages, credit_metrics = self.localised_advantages(
+                rollouts, spans, advantages[mine], scored, all_still_flat[mine])
 
         t1 = time.perf_counter()
-        stats = self.optimise(rollouts, advantages[mine].reshape(-1).float(), scored, hp)
+        stats = self.optimise(rollouts, my_advantages, scored, hp)
         t_update = time.perf_counter() - t1
 
         return {
             **reward_metrics(all_rewards, all_invalid, advantages, all_still_flat, self.reward_names,
                              self.reward_weights, cfg.std_tolerance, cfg.advantage_eps),
             **stats, **batch_metrics(accelerator, rollouts, rounds, cfg.num_generations),
-            **completion_metrics(accelerator, rollouts, all_rewards, self.reward_weights),
+            **completion_metrics(accelerator, rollouts, all_rewards, self.reward_weights), **credit_metrics,
             "schedule/epsilon": hp.epsilon, "schedule/epsilon_high": hp.epsilon_high,
             "schedule/temperature": hp.temperature, "lr": self.setup.lr_scheduler.get_last_lr()[0],
             "time/rollout_s": t_rollout, "time/update_s": t_update, "memory/peak_gb": peak_memory_gb(accelerator),
@@ -152,16 +162,16 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ rollouts and rewards
     def generate_and_score(
         self, prompts: Sequence[Any], sampling: SamplingParams
-    ) -> tuple[Rollouts, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rollouts, rewards ``[P, G, K]`` (NaN where a sample could not be scored) and which of them are invalid,
-        with flat groups resampled within budget.
+    ) -> tuple[Rollouts, torch.Tensor, torch.Tensor, dict[str, list[Any]], torch.Tensor, torch.Tensor]:
+        """Rollouts, rewards ``[P, G, K]`` (NaN where a sample could not be scored), which of them are invalid and
+        each localised reward's spans per sample, with flat groups resampled within budget.
 
         Returns also how often each prompt was resampled and which groups are still flat.
         """
         cfg, res = self.config, self.config.resample
         g = cfg.num_generations
         rollouts = self._rollout(prompts, sampling)
-        rewards, invalid = self._score(rollouts)
+        rewards, invalid, spans = self._score(rollouts)
         rounds = torch.zeros(len(prompts), dtype=torch.long)
         budget = res.max_total if res.max_total is not None else len(prompts) * g
 
@@ -179,11 +189,14 @@ class GRPOTrainer:
                 continue
             fresh = self._rollout([prompts[i] for i in chosen], sampling)
             rollouts = rollouts.replace_groups(chosen, fresh)
-            rewards[chosen], invalid[chosen] = self._score(fresh)
+            rewards[chosen], invalid[chosen], fresh_spans = self._score(fresh)
+            for name, per_sample in fresh_spans.items():
+                for k, i in enumerate(chosen):
+                    spans[name][i * g:(i + 1) * g] = per_sample[k * g:(k + 1) * g]
             rounds[chosen] += 1
             budget -= len(chosen) * g
         still_flat = is_flat() if res.enabled else torch.zeros(len(prompts), dtype=torch.bool)
-        return rollouts, rewards, invalid, rounds, still_flat
+        return rollouts, rewards, invalid, spans, rounds, still_flat
 
     def _rollout(self, prompts: Sequence[Any], sampling: SamplingParams) -> Rollouts:
         with unwrap_model_for_generation(self.model, self.accelerator) as policy:
@@ -194,16 +207,52 @@ class GRPOTrainer:
             finally:
                 policy.train(was_training)
 
-    def _score(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards ``[P, G, K]`` and the invalid flags ``[P, G, K]`` the scorer gave (see ``rollout.Scores``)."""
+    def _score(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor, dict[str, list[Any]]]:
+        """Rewards ``[P, G, K]``, the invalid flags ``[P, G, K]`` and the localised rewards' spans per sample that
+        the scorer gave (see ``rollout.Scores``)."""
         scored = self.scorer.score(rollouts)
-        values, flags = (scored, {}) if isinstance(scored, Mapping) else (scored.rewards, scored.invalid)
+        values, flags, spans = ((scored, {}, {}) if isinstance(scored, Mapping)
+                                else (scored.rewards, scored.invalid, getattr(scored, "spans", {})))
         rewards = rewards_to_tensor(values, self.reward_names, rollouts.num_generations)
         invalid = torch.zeros(rewards.shape, dtype=torch.bool)
         for k, name in enumerate(self.reward_names):
             if name in flags:
                 invalid[..., k] = torch.tensor([bool(f) for f in flags[name]]).view(rewards.shape[:2])
-        return rewards, invalid
+        missing = [name for name in self.localised if name not in spans]
+        if missing:
+            raise ValueError(f"token_reward_weights names {missing}, but the scorer returned no spans for them; "
+                             "only rewards that say where they found errors (e.g. cer) can give token-level credit")
+        return rewards, invalid, {name: list(spans[name]) for name in self.localised}
+
+    def localised_advantages(self, rollouts: Rollouts, spans: Mapping[str, Sequence[Any]],
+                             advantages: torch.Tensor, scored: torch.Tensor, still_flat: torch.Tensor
+                             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This process's per-token advantages ``[N, C]`` (see ``advantages.token_advantages``) and how much of
+        the batch the localised rewards reached. Masked samples and groups still flat keep no token term."""
+        p, g = advantages.shape
+        keep = (scored.view(p, g) & ~still_flat.unsqueeze(1)).unsqueeze(-1)
+        mask = rollouts.completion_mask.bool().view(p, g, -1) & keep
+        values, touched = [], []
+        for name in self.localised:
+            v, t = self.env.localise(rollouts, spans[name])
+            values.append(v.double().view(p, g, -1))
+            touched.append(t.bool().view(p, g, -1) & mask)
+        weights = [self.config.token_reward_weights[name] for name in self.localised]
+        cfg = self.config
+        per_token = token_advantages(advantages, values, touched, weights, std_tolerance=cfg.std_tolerance,
+                                     eps=cfg.advantage_eps)
+        per_token = per_token.masked_fill(~rollouts.completion_mask.bool().view(p, g, -1), 0.0)
+        sums = [float(rollouts.completion_mask.sum())]  # the batch's tokens, then per reward: touched, |term|
+        for v, t, w in zip(values, touched, weights):
+            term = w * localised_term(v, t, std_tolerance=cfg.std_tolerance, eps=cfg.advantage_eps)[t]
+            sums += [float(t.sum()), term.abs().sum().item()]
+        totals = self.accelerator.reduce(torch.tensor(sums, device=self.accelerator.device), reduction="sum").tolist()
+        metrics = {}
+        for k, name in enumerate(self.localised):
+            touched_tokens, magnitude = totals[1 + 2 * k], totals[2 + 2 * k]
+            metrics[f"token_credit/{name}/touched_frac"] = touched_tokens / max(totals[0], 1.0)
+            metrics[f"token_credit/{name}/abs_mean"] = magnitude / max(touched_tokens, 1.0)
+        return per_token.reshape(p * g, -1).float(), metrics
 
     def _any_process(self, flag: bool) -> bool:
         if not self.setup.synced_generation:
@@ -214,7 +263,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ the update
     def optimise(self, rollouts: Rollouts, advantages: torch.Tensor, scored: torch.Tensor,
                  hp: StepHyperparams) -> dict[str, float]:
-        """``num_iterations`` optimizer steps on this process's samples. ``scored`` ``[N]`` says which samples every
+        """``num_iterations`` optimizer steps on this process's samples, with advantages per sample ``[N]`` or per
+        token ``[N, C]`` (token-level credit). ``scored`` ``[N]`` says which samples every
         reward scored; the others (and, with ``mask_truncated_completions``, those cut at the length cap) take no
         part in the loss or its normaliser."""
         cfg, accelerator, device = self.config, self.accelerator, self.accelerator.device
@@ -223,6 +273,10 @@ class GRPOTrainer:
         prompt_ids, prompt_mask = rollouts.prompt_ids.to(device), rollouts.prompt_mask.to(device)
         completion_ids, old_logps = rollouts.completion_ids.to(device), rollouts.old_logps.to(device)
         advantages = advantages.to(device)
+
+        def row_advantages(rows: torch.Tensor, width: int) -> torch.Tensor:  # [B] or, per token, [B, width]
+            return advantages[rows] if advantages.dim() == 1 else advantages[rows, :width]
+
         plan = plan_micro_batches(rollouts.prompt_mask, rollouts.completion_mask, cfg.micro_batch_size,
                                   cfg.group_by_length)
 
@@ -249,7 +303,7 @@ class GRPOTrainer:
                 with accelerator.accumulate(self.model):
                     logps = completion_logps(self.model, *inputs(mb), width, hp.temperature)
                     terms = clipped_surrogate(
-                        logps, old_logps[rows, :width], advantages[rows], epsilon_low=hp.epsilon,
+                        logps, old_logps[rows, :width], row_advantages(rows, width), epsilon_low=hp.epsilon,
                         epsilon_high=hp.epsilon_high, beta=cfg.beta,
                         ref_logps=None if ref_logps is None else ref_logps[k])
                     loss = aggregate(terms.per_token_loss, mask[rows, :width], cfg.loss_type, num_tokens=num_tokens,

@@ -24,8 +24,10 @@ import torch
 from vocalign.policies.codec import GLMTTSCodec, MelUnitCodec, SpeechCodec
 from vocalign.policies.pipeline import TTSPipeline, VoicePrompt
 from vocalign.rewards.audio import check_audio_file, read_audio
+from vocalign.rewards.base import Span
 
 from .rollout import RolloutEnv, Rollouts, SamplingParams
+from .token_credit import token_value_grid
 
 REQUIRED_COLUMNS = ("text", "language", "prompt_wav", "prompt_text")
 
@@ -107,3 +109,14 @@ class TTSEnv(RolloutEnv):
     def metrics(self) -> dict[str, float]:
         """Seconds the latest rollout spent in the speech LM and in turning tokens into audio."""
         return dict(self._timings)
+
+    def localise(self, rollouts: Rollouts, spans: Sequence[Sequence[Span]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spans in seconds of each sample's audio -> per-token values and touched flags at the codec's token rate
+        (:mod:`vocalign.rlhf.token_credit`)."""
+        if not self.token_timing:
+            raise NotImplementedError(f"{type(self.pipeline.codec).__name__} has no known token rate; token-level "
+                                      "credit needs one (see tts_env.token_timing)")
+        lengths = rollouts.completion_mask.sum(-1).tolist()
+        values, touched = token_value_grid(spans, lengths, rollouts.completion_ids.shape[1],
+                                           self.token_timing["token_rate_hz"], self.token_timing["token_delay_s"])
+        return torch.from_numpy(values), torch.from_numpy(touched)

@@ -1,15 +1,15 @@
 """One process of a GRPO run on a fixed batch, for tests/test_process_equivalence.py: the same global batch trained by
 one process or split over two (DDP, DeepSpeed ZeRO-2, ZeRO-3) must give the same advantages, loss, gradient norm and
-weights. Usage: ``equivalence_worker.py OUT_DIR [deepspeed_config.json]``; writes OUT_DIR/rank<N>.json and, on the
-main process, OUT_DIR/final/.
+weights, with sequence-level or token-level credit. Usage: ``equivalence_worker.py OUT_DIR [--deepspeed CONFIG.json]
+[--token-credit]``; writes OUT_DIR/rank<N>.json and, on the main process, OUT_DIR/final/.
 
 Prompts per process are the global batch over the process count, so every launch trains the same global batch.
 The Accelerator is made here only because CPU processes need the gloo backend under DeepSpeed.
 """
 
+import argparse
 import json
 import os
-import sys
 
 import torch
 from accelerate import Accelerator
@@ -18,20 +18,22 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from vocalign.rlhf.config import GRPOConfig
 from vocalign.rlhf.loss import completion_logps
 from vocalign.rlhf.resampling import ResampleConfig
-from vocalign.rlhf.rollout import RolloutEnv, Rollouts
-from vocalign.rlhf.toy_env import ToyConfig, ToyScorer, build_toy_model, toy_prompts
+from vocalign.rlhf.rollout import Rollouts
+from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
 from vocalign.rlhf.trainer import GRPOTrainer
 from vocalign.rlhf.training_setup import accumulation_steps
 
 GLOBAL_PROMPTS, GENERATIONS, MAX_LENGTH = 4, 4, 12
 
 
-class ReplayEnvDouble(RolloutEnv):
+class ReplayEnvDouble(ToyEnv):
     """Test double for a sampler: generation ``g`` of a prompt is always the same completion, of its own length
     (2 to 12 tokens, most ending in the stop token), whichever process draws it and however the batch is split. The
-    old log-probs are the policy's own, as a sampler's would be, so the first ratio is 1."""
+    old log-probs are the policy's own, as a sampler's would be, so the first ratio is 1. Spans map to tokens as
+    in the toy environment."""
 
     def __init__(self, toy: ToyConfig) -> None:
+        super().__init__(toy)
         self.toy = toy
 
     def completion(self, prompt: dict, g: int) -> list[int]:
@@ -66,17 +68,22 @@ class RecordingTrainer(GRPOTrainer):
         return super().train_step(prompts, hp)
 
     def optimise(self, rollouts, advantages, scored, hp):
-        self.record[-1]["advantages"] = advantages.tolist()
+        if advantages.dim() == 1:
+            self.record[-1]["advantages"] = advantages.tolist()
+        else:  # per token: each row's own tokens, whatever width this process's batch was padded to
+            lengths = rollouts.completion_mask.sum(-1).tolist()
+            self.record[-1]["advantages"] = [row[:n] for row, n in zip(advantages.tolist(), lengths)]
         return super().optimise(rollouts, advantages, scored, hp)
 
 
-def main(out_dir: str, deepspeed_config: str | None = None) -> None:
+def main(out_dir: str, deepspeed_config: str | None, token_credit: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
     config = GRPOConfig(
         output_dir=out_dir, max_steps=2, prompts_per_step=GLOBAL_PROMPTS // world, num_generations=GENERATIONS,
         micro_batch_size=4, num_iterations=2, learning_rate=1e-2, beta=0.04, max_grad_norm=1e3,
         max_completion_length=MAX_LENGTH, temperature=0.9, report_to="none", save_steps=1000,
-        resample=ResampleConfig(enabled=False), reward_weights={"hits": 1.0, "sim": 0.5})
+        resample=ResampleConfig(enabled=False), reward_weights={"hits": 1.0, "sim": 0.5},
+        token_reward_weights={"hits": 0.5} if token_credit else {})
     plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config) if deepspeed_config else None
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 else []
     accelerator = Accelerator(cpu=plugin is None, kwargs_handlers=handlers, deepspeed_plugin=plugin,
@@ -93,4 +100,9 @@ def main(out_dir: str, deepspeed_config: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--deepspeed")
+    parser.add_argument("--token-credit", action="store_true")
+    args = parser.parse_args()
+    main(args.out_dir, args.deepspeed, args.token_credit)

@@ -35,21 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out_dir, launcher: str):
+def launch(out_dir, launcher: str, *options: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if launcher == "single":
-        cmd = [sys.executable, WORKER, str(out_dir)]
+        cmd = [sys.executable, WORKER, str(out_dir), *options]
     elif launcher == "ddp":
         env["ACCELERATE_USE_CPU"] = "1"
         cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), WORKER,
-               str(out_dir)]
+               str(out_dir), *options]
     else:  # DeepSpeed: gloo needs use_cpu false in the launcher's config (see shared/ENVIRONMENT.md)
         config = out_dir.parent / f"accelerate_{launcher}.yaml"
         config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
                           f"deepspeed_config: {{deepspeed_config_file: launch/{launcher}.json, zero3_init_flag: false}}\n"
                           "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nuse_cpu: false\n")
         cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(config), "--main_process_port",
-               str(free_port()), WORKER, str(out_dir), f"launch/{launcher}.json"]
+               str(free_port()), WORKER, str(out_dir), "--deepspeed", f"launch/{launcher}.json", *options]
     out_dir.mkdir(parents=True)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -59,18 +59,36 @@ def launch(out_dir, launcher: str):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("equivalence") / "single", "single")
+    """The one-process runs, sequence-level and token-level credit, made once for every comparison."""
+    root = tmp_path_factory.mktemp("equivalence")
+    runs = {}
+
+    def run(options: tuple[str, ...]):
+        if options not in runs:
+            runs[options] = launch(root / f"single{len(runs)}", "single", *options)
+        return runs[options]
+
+    return run
+
+
+def flat(values) -> list[float]:
+    """Per-sample advantages, or per-token ones (a list per sample), as one list."""
+    return [x for v in values for x in (v if isinstance(v, list) else [v])]
 
 
 def close(a, b) -> bool:
-    return torch.allclose(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                          rtol=RTOL, atol=ATOL)
+    a, b = flat(a) if isinstance(a, list) else [a], flat(b) if isinstance(b, list) else [b]
+    return len(a) == len(b) and torch.allclose(torch.tensor(a, dtype=torch.float64),
+                                               torch.tensor(b, dtype=torch.float64), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3"])
-def test_two_processes_train_what_one_would(single, tmp_path, launcher):
-    (one,), one_weights = single
-    (r0, r1), weights = launch(tmp_path / launcher, launcher)
+@pytest.mark.parametrize("launcher, options", [("ddp", ()), ("zero2", ()), ("zero3", ()),
+                                               ("ddp", ("--token-credit",))])
+def test_two_processes_train_what_one_would(single, tmp_path, launcher, options):
+    """Per-token advantages included: completions are as wide as each process's longest, yet each token's
+    advantage and the update must be the single process's."""
+    (one,), one_weights = single(options)
+    (r0, r1), weights = launch(tmp_path / launcher, launcher, *options)
     assert one["processes"] == 1 and r0["processes"] == r1["processes"] == 2
     for step, (s, a, b) in enumerate(zip(one["steps"], r0["steps"], r1["steps"], strict=True)):
         # each process its own prompts, together the single run's, in order

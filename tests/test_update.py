@@ -7,6 +7,7 @@ import resource
 import pytest
 import torch
 
+from vocalign.rlhf.advantages import token_advantages
 from vocalign.rlhf.batching import plan_micro_batches
 from vocalign.rlhf.config import GRPOConfig, LoraSettings
 from vocalign.rlhf.loss import SurrogateTerms, completion_logps
@@ -227,3 +228,50 @@ def test_too_many_unscored_samples_stop_the_run_with_the_counts(tmp_path):
     trainer = trainer_for(tmp_path / "b", PartlyScoredDouble(), max_masked_frac=0.5, max_invalid_frac=0.1)
     with pytest.raises(RuntimeError, match=r"were invalid outputs of the policy \(hits: 0, sim: 1"):
         trainer.train()
+
+
+def test_token_advantages_by_hand():
+    # touched values -1, 0 | 0, 0: mean -0.25, unbiased std 0.5 -> z = -1.5, 0.5 | 0.5, 0.5; weight 2
+    advantages = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    values = torch.tensor([[[-1.0, 0.0, 7.0], [0.0, 0.0, 7.0]]], dtype=torch.float64)
+    touched = torch.tensor([[[True, True, False], [True, True, False]]])
+    out = token_advantages(advantages, [values], [touched], [2.0], eps=0.0)
+    assert out.tolist() == [[[-2.0, 2.0, 1.0], [0.0, 0.0, -1.0]]]
+    flat = token_advantages(advantages, [torch.zeros_like(values)], [touched], [2.0], eps=0.0)
+    assert flat.tolist() == [[[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]]  # nothing varies: sequence-level only
+
+
+def test_per_token_advantages_shared_by_a_sequence_give_the_sequence_level_step(tmp_path):
+    rollouts = fixed_rollouts()
+    advantages = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    per_token = advantages.unsqueeze(1).expand(8, rollouts.completion_ids.shape[1]).contiguous()
+    scored = torch.ones(8, dtype=torch.bool)
+    settings = dict(micro_batch_size=4, num_iterations=2, beta=0.1)
+    sequence, w_sequence = update(tmp_path / "s", rollouts, advantages, scored, **settings)
+    tokens, w_tokens = update(tmp_path / "t", rollouts, per_token, scored, **settings)
+    assert sequence == tokens
+    assert all(torch.equal(a, b) for a, b in zip(w_sequence, w_tokens))
+
+
+def test_toy_run_with_token_level_credit_reports_its_reach(tmp_path):
+    trainer = trainer_for(tmp_path, token_reward_weights={"hits": 0.5})
+    (metrics,) = trainer.train()
+    assert metrics["token_credit/hits/touched_frac"] == 1.0  # the toy's hits reward has a span on every token
+    assert metrics["token_credit/hits/abs_mean"] > 0
+    with pytest.raises(ValueError, match=r"token_reward_weights names \['sim'\], but the scorer returned no spans"):
+        trainer_for(tmp_path / "sim", token_reward_weights={"sim": 0.5}).train()
+    with pytest.raises(ValueError, match=r"token_reward_weights names \['cer'\], which are not rewards"):
+        trainer_for(tmp_path / "cer", token_reward_weights={"cer": 0.5})
+
+
+def test_tts_env_maps_seconds_to_its_tokens():
+    from vocalign.rlhf.tts_env import TTSEnv
+
+    env = TTSEnv.__new__(TTSEnv)  # only its token timing matters here
+    env.token_timing = {"token_rate_hz": 25.0, "token_delay_s": 0.0}
+    mask = torch.tensor([[1] * 10 + [0] * 2, [1] * 12])
+    ids = torch.zeros_like(mask)
+    rollouts = Rollouts(ids, ids, ids, mask, ids.float(), 2)
+    values, touched = env.localise(rollouts, [[(0.08, 0.2, -1.0)], [(0.4, 0.48, -1.0)]])
+    assert touched[0].nonzero().flatten().tolist() == [2, 3, 4] and values[0, 2:5].tolist() == [-1.0] * 3
+    assert touched[1].nonzero().flatten().tolist() == [10, 11] and values.shape == (2, 12)
