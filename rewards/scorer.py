@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .base import FAILED, INVALID, RewardPlugin, Sample, build_reward, score_all
+from .base import FAILED, INVALID, RewardPlugin, Sample, Span, build_reward, score_all
 from .client import RemoteReward
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class RewardScores:
 
     rewards: dict[str, list[float]]
     invalid: dict[str, list[bool]]
+    spans: dict[str, list[list[Span]]]  # per reward, per sample: where it found what it scored (seconds of audio)
 
 
 class RewardScorer:
@@ -73,7 +74,8 @@ class RewardScorer:
                 logger.warning("reward %r could not score %d of %d samples (masked), e.g. sample %d: %s", name,
                                len(failed), len(scored), *failed[0])
         return RewardScores({name: [r.value for r in scored] for name, scored in results.items()},
-                            {name: [r.status == INVALID for r in scored] for name, scored in results.items()})
+                            {name: [r.status == INVALID for r in scored] for name, scored in results.items()},
+                            {name: [list(r.spans) for r in scored] for name, scored in results.items()})
 
     def sample_rows(self, rollouts: ScoredBatch, n: int) -> list[dict[str, Any]]:
         """The first ``n`` scored samples of ``rollouts``, for a table of audio, text, rewards and transcripts."""

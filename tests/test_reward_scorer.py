@@ -80,3 +80,17 @@ def test_bad_samples_are_judged_before_any_plugin_sees_them():
     statuses = [e["scores"]["needs_floor"].status for e in batch.extras]
     assert statuses == ["invalid", "invalid", "ok", "failed", "failed", "ok"]
     assert batch.extras[4]["scores"]["needs_floor"].reason == "floor could not score it"
+
+
+class SpanDouble(LengthReward):
+    """Test double: one span over the first 0.1 s of every sample."""
+
+    name = "spans"
+
+    def score(self, samples):
+        return [RewardResult(1.0, {}, spans=[(0.0, 0.1, -1.0)]) for _ in samples]
+
+
+def test_spans_reach_the_trainer_per_sample():
+    scores = RewardScorer([SpanDouble()]).score(rollouts([1600, 0]))
+    assert scores.spans == {"spans": [[(0.0, 0.1, -1.0)], []]}  # the empty sample was never scored: no spans
