@@ -32,13 +32,11 @@ class Transcriber(Protocol):
 
 
 @runtime_checkable
-class TimedTranscriber(Protocol):
+class TimedTranscriber(Transcriber, Protocol):
     """A recogniser that can also say when it heard each word; its ``text`` equals what ``transcribe`` gives.
     ``times_words`` is False where this model cannot (a Whisper checkpoint without alignment heads)."""
 
     times_words: bool
-
-    def transcribe(self, audios: Sequence[np.ndarray]) -> list[str]: ...
 
     def transcribe_timed(self, audios: Sequence[np.ndarray]) -> list[TimedTranscript]: ...
 
@@ -115,10 +113,15 @@ class ParaformerASR:
         """A time per token (a character for Chinese) from the CIF predictor's firing points, in milliseconds."""
         out = self.auto.generate(input=[np.asarray(a, dtype=np.float32) for a in audios], batch_size=len(audios),
                                  output_timestamp=True)
-        return [TimedTranscript(r["text"].replace(" ", ""), tuple(
-            TimedWord(token, start_ms / 1000.0, end_ms / 1000.0)
-            for token, (start_ms, end_ms) in zip(r["text"].split(), r.get("timestamp", []), strict=True)))
-            for r in out]
+        transcripts = []
+        for r in out:
+            tokens, times = r["text"].split(), r.get("timestamp", [])
+            if len(times) != len(tokens):
+                raise ValueError(f"this FunASR model gave {len(times)} timestamps for {len(tokens)} tokens; its "
+                                 "predictor cannot time characters: turn the cer reward's spans off")
+            transcripts.append(TimedTranscript(r["text"].replace(" ", ""), tuple(
+                TimedWord(token, start_ms / 1000.0, end_ms / 1000.0) for token, (start_ms, end_ms) in zip(tokens, times))))
+        return transcripts
 
 
 def build_asr(kind: str, **settings) -> Transcriber:
