@@ -60,7 +60,11 @@ def _serve_reward(args: argparse.Namespace) -> int:
         except yaml.YAMLError as err:
             raise ValueError(f"--config {args.config} is not valid YAML: {' '.join(str(err).split())}") from None
     target = settings.pop("target", None)
-    plugin = build_reward(args.name, target, **settings)
+    try:
+        plugin = build_reward(args.name, target, **settings)
+    except (TypeError, AttributeError) as err:  # a setting of the wrong type or shape, a target that is no plugin
+        where = f"--config {args.config}" if args.config else "its defaults"
+        raise ValueError(f"reward {args.name!r} cannot be built from {where}: {err}") from None
     try:
         serve(plugin, host=args.host, port=args.port, limits=limits)
     except OSError as err:  # the address is taken, or not one of this host's
@@ -99,6 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from vocalign.eval.seed_tts_eval import evaluate, read_list
+    from vocalign.policies.frontend.g2p import PhonemeFrontend
     from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
     from vocalign.rewards.scorer import build_plugin
     from vocalign.rlhf.config import load_yaml_list
@@ -106,7 +111,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     plugins = [build_plugin(spec) for spec in load_yaml_list(args.rewards)]
-    pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code)
+    phonemes = None if args.phonemes is None else PhonemeFrontend.from_release_configs(args.phonemes)
+    pipeline = TTSPipeline.from_pretrained(args.ckpt, trust_remote_code=args.trust_remote_code, phonemes=phonemes,
+                                           sample_rate=args.sample_rate)
     _, means = evaluate(pipeline, read_list(args.list), plugins, args.out, SynthesisSettings(flow_steps=args.flow_steps))
     logging.getLogger("vocalign").info("means: %s; report: %s/report.md", means, args.out)
     return 0
@@ -203,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rewards", default=str(files("vocalign.configs") / "rewards" / "eval_cpu.yaml"),
                     help="YAML list of scoring plugins (default: offline pocketsphinx CER + resemblyzer SIM)")
     ev.add_argument("--flow-steps", type=int, default=10)
+    ev.add_argument("--sample-rate", type=int, choices=(24000, 32000), help="as for synth")
+    ev.add_argument("--phonemes", metavar="DIR", help="phoneme-in, as for synth")
     ev.add_argument("--seed", type=int)
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.set_defaults(func=_eval)

@@ -13,6 +13,7 @@ Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text`
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ REQUIRED_COLUMNS = ("text", "language", "prompt_wav", "prompt_text")
 def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines or parquet prompt set, with ``prompt_wav`` made absolute."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     path = Path(path)
     if not path.is_file():
@@ -44,12 +46,18 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
         rows = [dict(r) for r in load_dataset(kind, data_files=str(path), split="train")]
     except StopIteration:  # what `datasets` raises for an empty JSON-lines file
         rows = []
+    except DatasetGenerationError as err:
+        raise ValueError(f"prompt data {path} cannot be read: {_broken_json_line(path) or err.__cause__ or err}") \
+            from None
     if not rows:
         raise ValueError(f"prompt data {path} holds no rows; every row needs {list(REQUIRED_COLUMNS)}")
     for n, row in enumerate(rows):
         missing = [c for c in REQUIRED_COLUMNS if not row.get(c)]
         if missing:
             raise ValueError(f"{path} row {n}: missing {missing}; every row needs {list(REQUIRED_COLUMNS)}")
+        wrong = [c for c in (*REQUIRED_COLUMNS, "emotion") if row.get(c) is not None and not isinstance(row[c], str)]
+        if wrong:
+            raise ValueError(f"{path} row {n}: {wrong[0]} must be a string (quote it), got {row[wrong[0]]!r}")
         wav = Path(row["prompt_wav"])
         row["prompt_wav"] = str(wav if wav.is_absolute() else path.parent / wav)
     for wav in sorted({r["prompt_wav"] for r in rows}):  # at load, not at the first rollout
@@ -69,6 +77,18 @@ def token_timing(codec: SpeechCodec) -> dict[str, float]:
     if isinstance(codec, GLMTTSCodec):
         return {"token_rate_hz": float(codec.flow.cfg.input_frame_rate), "token_delay_s": 0.0}
     return {}
+
+
+def _broken_json_line(path: Path) -> str | None:
+    """Which line of a JSON-lines file is not JSON, and why (None when every line is, or the file is not lines)."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"line {n} is not valid JSON ({err.msg}, column {err.colno}); each line holds one object"
+    return None
 
 
 class TTSEnv(RolloutEnv):

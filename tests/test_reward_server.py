@@ -212,11 +212,23 @@ def test_serve_reward_port_in_use_is_one_line_and_exit_code_2():
     (["--max-inflight-mb", "1"], "max_inflight_mb (1) must be at least max_request_mb (64)"),
     (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["--config", "{bad}"], "is not valid YAML: while parsing a flow node expected the node content"),
-], ids=["port", "max-batch", "max-request-mb", "max-wait-ms", "inflight", "no-config", "bad-yaml"])
+    (["--config", "not-callable.yaml"], "cannot be built from --config not-callable.yaml: 'float' object is not "
+                                        "callable"),
+    (["--config", "not-a-plugin.yaml"], "json:JSONDecoder built a JSONDecoder, which has no score(samples) method"),
+    (["--config", "asr-string.yaml", "cer"], "reward 'cer' cannot be built from --config asr-string.yaml: 'str' "
+                                             "object has no attribute 'items'"),
+    (["--config", "whisper.yaml", "cer"], "missing 1 required positional argument: 'model'"),
+], ids=["port", "max-batch", "max-request-mb", "max-wait-ms", "inflight", "no-config", "bad-yaml",
+        "not-callable", "not-a-plugin", "asr-string", "whisper-no-model"])
 def test_serve_reward_refuses_bad_settings_in_one_line(tmp_path, monkeypatch, caplog, capsys, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "{bad}").write_text("a: [\n")
-    assert main(["serve-reward", "energy", *args]) == 2
+    for name, text in [("not-callable", "target: math:pi"),
+                       ("not-a-plugin", "target: json:JSONDecoder"), ("asr-string", "asr: whisper"),
+                       ("whisper", "asr: {en: {kind: whisper}}")]:
+        (tmp_path / f"{name}.yaml").write_text(text + "\n")
+    name = args.pop() if args[-1] == "cer" else "energy"
+    assert main(["serve-reward", name, *args]) == 2
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and message in errors[0].getMessage() and not errors[0].exc_info
     assert "Traceback" not in capsys.readouterr().err
