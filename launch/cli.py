@@ -33,8 +33,10 @@ def _train(args: argparse.Namespace) -> int:
         after = heldout.score(heldout.trained_policy(trainer.output_dir / "final", trainer.accelerator.device),
                               processes)
     if processes.is_main_process:
-        png = plot_reward_curves({config.run_name or "run": read_metrics(trainer.metrics_path)},
-                                 trainer.output_dir / "reward_curves.png")
+        label = config.run_name or "run"
+        ends = {label: {0: before.summary(), trainer.step: after.summary()}} if heldout is not None else None
+        png = plot_reward_curves({label: read_metrics(trainer.metrics_path)}, trainer.output_dir / "reward_curves.png",
+                                 ends)
         log.info("metrics: %s  plot: %s", trainer.metrics_path, png)
         if heldout is not None:
             compare({"sft": before, "grpo": after}, trainer.output_dir)

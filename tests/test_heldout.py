@@ -216,5 +216,9 @@ def test_reward_curves_get_the_held_out_curve_against_steps_done(tmp_path):
     assert panels["cer"]["run"] == [(s, 0.2 * s) for s in range(4)]
     without = [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in rows]
     assert list(curve_panels({"run": without})) == ["reward", "cer"]
+    # the evaluations before and after training join the curve; given for a step the metrics have, they win
+    ends = {"run": {0: {"error_rate": 0.6, "sim": 0.5}, 4: {"error_rate": 0.3, "sim": 0.8}}}
+    assert curve_panels({"run": rows}, ends)["held-out error_rate"]["run"] == [(0, 0.6), (2, 0.5), (4, 0.3)]
+    assert curve_panels({"run": without}, ends)["held-out sim"]["run"] == [(0, 0.5), (4, 0.8)]
     png = plot_reward_curves({"run": rows}, tmp_path / "curves.png")
     assert plt.imread(png).shape[1] == 4 * 400  # four panels of 4 inches at 100 dpi
