@@ -1,13 +1,16 @@
 """GRPO on the tiny checkpoint with the release's other inference settings on: phoneme-in and the 32 kHz vocoder,
 set in the recipe's ``env``, reach the rollouts (and so the held-out evaluation, which rolls out through the same
-environment)."""
+environment); `vocalign eval` takes them as flags."""
 
 import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 
+from vocalign.launch.cli import main
 from vocalign.launch.recipe import load_recipe
+from vocalign.policies import pipeline as pipeline_module
 from vocalign.rewards.audio import write_audio
 from vocalign.rlhf.trainer import GRPOTrainer
 
@@ -19,7 +22,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not G2P_TABLES.is_dir(), reason="shared/glmtts-data is not beside the checkout")]
 
 
-def test_grpo_with_phoneme_in_and_the_32k_vocoder(tmp_path):
+def test_grpo_with_phoneme_in_and_the_32k_vocoder(tmp_path, monkeypatch):
     write_audio(tmp_path / "voice.wav", (0.1 * np.sin(np.arange(16000) / 7)).astype(np.float32), 16000)
     (tmp_path / "prompts.jsonl").write_text(
         '{"text": "他是老饕餮", "language": "zh", "prompt_wav": "voice.wav", "prompt_text": "你好"}\n'
@@ -47,3 +50,15 @@ def test_grpo_with_phoneme_in_and_the_32k_vocoder(tmp_path):
     prompts_read = [set(ids[mask.bool()].tolist()) for ids, mask in zip(rollouts.prompt_ids, rollouts.prompt_mask)]
     assert all(len(read & phoneme_ids) == 2 for read in prompts_read)
     assert not any(tokenizer.convert_tokens_to_ids(ch) in read for read in prompts_read for ch in "饕餮衰")
+
+    # the checkpoint the run trained, evaluated as it was trained: phoneme-in at 32 kHz
+    (tmp_path / "list.txt").write_text("u1|你好|voice.wav|他是老饕餮\n")
+    (tmp_path / "rewards.yaml").write_text("- name: energy\n")
+    with_phonemes, lm_text = [], pipeline_module.lm_text
+    monkeypatch.setattr(pipeline_module, "lm_text",
+                        lambda text, phonemes: (with_phonemes.append(phonemes is not None), lm_text(text, phonemes))[1])
+    assert main(["eval", "--ckpt", str(tmp_path / "run" / "tiny-ckpt"), "--list", str(tmp_path / "list.txt"),
+                 "--out", str(tmp_path / "eval"), "--rewards", str(tmp_path / "rewards.yaml"), "--flow-steps", "2",
+                 "--seed", "0", "--sample-rate", "32000", "--phonemes", str(G2P_TABLES)]) == 0
+    assert sf.info(str(tmp_path / "eval" / "wavs" / "u1.wav")).samplerate == 32000
+    assert with_phonemes == [True]  # the one chunk the LM read was converted
