@@ -16,7 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import re
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -92,9 +95,26 @@ def _pcm(audio: np.ndarray) -> bytes:
 _worker_recogniser: _Recogniser | None = None  # a pool worker's own, made once by _start_worker
 
 
-def _start_worker(vocabulary: Sequence[str] | None, jsgf: str | None, options: Mapping[str, Any]) -> None:
+_OWNER_POLL_S = 0.5
+
+
+def _start_worker(owner: int, vocabulary: Sequence[str] | None, jsgf: str | None,
+                  options: Mapping[str, Any]) -> None:
     global _worker_recogniser
+    threading.Thread(target=_exit_with_owner, args=(owner,), name="exit-with-owner", daemon=True).start()
     _worker_recogniser = _Recogniser(vocabulary, jsgf, options)
+
+
+def _exit_with_owner(owner: int) -> None:
+    """End this worker once the process that made the pool is gone, however that ended (SIGTERM, SIGKILL, a crash):
+    the pool's own shutdown runs only when its owner exits cleanly, and neither the worker's parent (the forkserver)
+    nor its work queue tells it otherwise, so a worker left waiting for work would hold its memory for good."""
+    while True:
+        time.sleep(_OWNER_POLL_S)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(0)
 
 
 def _worker_decode(pcm: bytes) -> TimedTranscript:
@@ -142,7 +162,7 @@ class PocketSphinxASR:
         # Like any forkserver or spawn pool, it imports the main script in each worker: a script that builds one
         # must keep its work under `if __name__ == "__main__":` (vocalign's CLI and pytest do).
         pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=_start_worker, initargs=self._settings)
+                                   initializer=_start_worker, initargs=(os.getpid(), *self._settings))
         for _ in range(self.workers):  # start them now, while the caller loads its models, not at the first batch
             pool.submit(_worker_ready)
         return pool
