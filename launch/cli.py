@@ -50,7 +50,8 @@ def _serve_reward(args: argparse.Namespace) -> int:
     from vocalign.rewards.server import serve
 
     # everything the command line says is checked before a model is loaded
-    limits = ServerLimits(**{limit.name: getattr(args, limit.name) for limit in fields(ServerLimits)})
+    limits = ServerLimits.for_plugin(args.name, **{limit.name: getattr(args, limit.name)
+                                                   for limit in fields(ServerLimits) if getattr(args, limit.name) is not None})
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     settings = {}
@@ -176,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     reward.add_argument("--port", type=int, default=8100)
     for limit in fields(ServerLimits):
-        reward.add_argument(f"--{limit.name.replace('_', '-')}", type=type(limit.default), default=limit.default,
-                            help=f"{limit.metadata['help']} (default: %(default)s)")
+        reward.add_argument(f"--{limit.name.replace('_', '-')}", type=type(limit.default),
+                            help=f"{limit.metadata['help']} (default: {limit.default})")
     reward.set_defaults(func=_serve_reward)
 
     synth = sub.add_parser("synth", help="text + voice prompt -> wav with a GLM-TTS checkpoint")

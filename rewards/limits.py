@@ -7,8 +7,19 @@ Kept free of heavy imports so that the command line can offer every limit as a f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+# Where the general defaults are wrong for the model a plugin serves. One model call runs to its end whatever
+# happens meanwhile (a newer request waits for it, an abandoned one's call still runs), so a call must take seconds.
+# The CER reward's default ASR is pocketsphinx on the CPU: measured here at up to 2 s per second of audio per worker
+# on a busy core (10 s of noise: 19.8 s), so 5 s of audio a call (about 10 s of one worker, 5 s of two) and
+# utterances of at most 20 s; the general 320 s would hold the model for minutes. GPU models (sim, emotion) score
+# 320 s of audio in about a second and keep the general defaults.
+PLUGIN_LIMITS: Mapping[str, Mapping[str, float]] = {
+    "cer": {"max_batch_audio_s": 5.0, "max_audio_seconds": 20.0},
+}
 
 
 def _limit(default: float, text: str, zero_ok: bool = False) -> Any:
@@ -20,7 +31,7 @@ class ServerLimits:
     max_batch: int = _limit(32, "samples per model call")
     max_batch_audio_s: float = _limit(
         320.0, "seconds of audio (and prompt audio) per model call; a long request is scored over several calls, "
-               "with other requests' samples in between")
+               "with other requests' samples in between (cer: 5)")
     max_wait_ms: float = _limit(5.0, "longest wait for a batch to fill", zero_ok=True)
     max_request_mb: float = _limit(64.0, "request body size; larger requests get 413 before their body is read")
     max_inflight_mb: float = _limit(
@@ -29,7 +40,7 @@ class ServerLimits:
     max_samples_per_request: int = _limit(256, "samples in one request (413 beyond)")
     max_queued_samples: int = _limit(2048, "samples waiting to be scored; beyond it a request gets 503 at once, "
                                            "so its client tries another server")
-    max_audio_seconds: float = _limit(60.0, "length of one utterance (422 naming the sample beyond)")
+    max_audio_seconds: float = _limit(60.0, "length of one utterance; a longer one is scored invalid (cer: 20)")
     max_text_chars: int = _limit(2000, "characters of one sample's text (422 naming the sample beyond)")
     body_timeout_s: float = _limit(30.0, "longest wait for room for a request body, then longest time to receive "
                                          "it (503, 408); a stalled upload cannot hold a connection")
@@ -48,6 +59,12 @@ class ServerLimits:
         if self.max_queued_samples < self.max_samples_per_request:
             raise ValueError(f"max_queued_samples ({self.max_queued_samples}) must be at least "
                              f"max_samples_per_request ({self.max_samples_per_request})")
+
+    @classmethod
+    def for_plugin(cls, name: str, **given: Any) -> ServerLimits:
+        """The limits for serving plugin ``name``: ``given`` ones, else the plugin's own (:data:`PLUGIN_LIMITS`),
+        else the general defaults."""
+        return cls(**{**PLUGIN_LIMITS.get(name, {}), **given})
 
     @property
     def max_request_bytes(self) -> int:

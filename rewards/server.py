@@ -3,10 +3,10 @@
 Reward models are far more efficient on batches, while a trainer's processes (and an eval script) send requests
 whenever they are ready. The server queues the samples of concurrent requests and runs the model on up to
 ``max_batch`` of them (and ``max_batch_audio_s`` seconds of audio) at once, waiting at most ``max_wait_ms`` for a batch
-to fill. A batch takes one sample from each waiting request, oldest first (up to half the batch), then fills up with
-the oldest requests' next samples. The first part bounds unfairness: while fewer than ``max_batch / 2`` requests wait,
-each gets a sample into every model call, so a small request behind a large one waits for one call, not for the large
-request. The second
+to fill. A batch takes one sample from each waiting request, those served longest ago first (up to half the batch),
+then fills up with the oldest requests' next samples. The first part bounds unfairness: while fewer than
+``max_batch / 2`` requests wait, each gets a sample into every model call or the next, so a small request behind a
+large one waits for one call, not for the large request. The second
 part delivers under overload: when more work arrives than the model can do before the clients give up, the oldest
 requests complete in time, instead of every request being scored a little and none finishing.
 
@@ -73,6 +73,7 @@ class _Job:
     deadline: float  # loop time after which its samples are not started
     future: asyncio.Future = field(repr=False)
     taken: int = 0  # samples of ``todo`` handed to model calls so far
+    served: int = -1  # the latest model call that took one of its samples
 
     @property
     def waiting(self) -> int:
@@ -129,6 +130,7 @@ class RewardServer:
         self.started = time.time()
         self._pending: list[_Job] = []  # requests with samples not yet handed to a model call, oldest first
         self._queued = 0  # those samples
+        self._calls = 0  # model calls so far
         self._seconds_per_sample = 0.0  # in the latest model call: how long the queue takes to drain
         self._arrived = asyncio.Event()
         self._budget = _ByteBudget(self.limits.max_inflight_bytes)
@@ -162,28 +164,33 @@ class RewardServer:
             job.finish_if_done()
 
     def _take_batch(self) -> list[tuple[_Job, int]]:
-        """Up to ``max_batch`` samples and ``max_batch_audio_s`` seconds: one sample of each waiting request, oldest
-        first (half a batch at most), then the oldest requests' next samples."""
+        """Up to ``max_batch`` samples and ``max_batch_audio_s`` seconds: one sample of each waiting request, those
+        served longest ago first (half a batch at most), then the oldest requests' next samples."""
         batch: list[tuple[_Job, int]] = []
         seconds = 0.0
+        self._calls += 1
 
         def take(job: _Job) -> bool:
+            """Add the job's next sample if it fits (the first of a call always does)."""
             nonlocal seconds
             index = job.todo[job.taken]
             length = _seconds(job.samples[index])
-            if len(batch) == self.limits.max_batch or (batch and seconds + length > self.limits.max_batch_audio_s):
+            if batch and seconds + length > self.limits.max_batch_audio_s:
                 return False
             batch.append((job, index))
             job.taken += 1
+            job.served = self._calls
             self._queued -= 1
             seconds += length
             return True
 
-        # half a batch at most for the first pass: with many requests waiting, the oldest still finish
-        full = not all(take(job) for job in self._pending[:max(1, self.limits.max_batch // 2)])
+        first_pass = sorted(self._pending[:max(1, self.limits.max_batch // 2)], key=lambda job: job.served)
+        for job in first_pass:
+            if len(batch) < self.limits.max_batch:
+                take(job)
         for job in self._pending:
-            while not full and job.waiting:
-                full = not take(job)
+            while len(batch) < self.limits.max_batch and job.waiting and take(job):
+                pass
         self._pending = [job for job in self._pending if job.waiting]
         return batch
 

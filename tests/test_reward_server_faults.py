@@ -408,3 +408,40 @@ def test_remote_reward_entries_are_checked_when_the_recipe_loads(entry, message)
 def test_a_remote_reward_says_its_min_value():
     assert build_plugin({"name": "cer", "urls": ["http://127.0.0.1:8100"], "min_value": -1}).min_value == -1.0
     assert build_plugin({"name": "cer", "urls": ["http://127.0.0.1:8100"]}).min_value == 0.0
+
+
+class FakeCPUASR:
+    """Takes ``seconds_per_audio_s`` per second of audio in a call, like a CPU ASR (pocketsphinx: up to 2 s)."""
+
+    name = "cer"
+
+    def __init__(self, seconds_per_audio_s):
+        self.seconds_per_audio_s = seconds_per_audio_s
+
+    def score(self, samples):
+        time.sleep(self.seconds_per_audio_s * sum(s.audio.size / s.sample_rate for s in samples))
+        return [RewardResult(0.0) for _ in samples]
+
+
+def test_with_the_cer_defaults_a_small_request_behind_long_ones_waits_one_short_call(local_server, clients):
+    # 100x faster than pocketsphinx at its slowest. Bound: the call in flight holds at most max_audio_seconds (one
+    # utterance) and the small request's own call max_batch_audio_s: (20 + 5) s x 0.02 = 0.5 s. With the general
+    # defaults the four 20 s utterances are one 80 s call (1.6 s) and the small request waits behind it.
+    limits = ServerLimits.for_plugin("cer")
+    assert (limits.max_batch_audio_s, limits.max_audio_seconds) == (5.0, 20.0)
+    _, url = local_server(FakeCPUASR(0.02), **{k: getattr(limits, k) for k in ("max_batch_audio_s", "max_audio_seconds")})
+    long_client, small_client = clients([url], retries=0), clients([url], retries=0)
+    waited = {}
+
+    async def timed(name, client, samples, delay):
+        await asyncio.sleep(delay)
+        t0 = time.monotonic()
+        await client.score_async(samples)
+        waited[name] = time.monotonic() - t0
+
+    async def both():
+        await asyncio.gather(timed("long", long_client, [sample(n=16000 * 20)] * 4, 0.0),
+                             timed("small", small_client, [sample(n=16000)], 0.05))
+
+    asyncio.run(both())
+    assert waited["small"] < 0.5 + 0.2 < waited["long"]
