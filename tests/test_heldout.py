@@ -191,14 +191,15 @@ def test_evaluation_during_training_every_n_steps_leaves_the_run_unchanged(tmp_p
 
 
 def test_an_evaluation_on_a_step_that_is_not_logged_is_reported(tmp_path, caplog):
-    evaluation = HeldoutEvaluation(NoisyEnv(), [LengthCER()], ROWS, HeldoutSettings(seeds=[0], every_steps=2), tmp_path)
-    trainer = toy_trainer(tmp_path, [evaluation.during_training], max_steps=4, logging_steps=3)
+    evaluation = HeldoutEvaluation(NoisyEnv(), [LengthCER()], ROWS, HeldoutSettings(seeds=[0], every_steps=3), tmp_path)
+    trainer = toy_trainer(tmp_path, [evaluation.during_training], max_steps=6, logging_steps=4)
     with caplog.at_level(logging.WARNING, logger="vocalign.eval.heldout"):
         trainer.train()
-    # rows of steps 0 and 3 are logged (every third, and the last): the evaluation after 2 steps is lost, not 4's
-    assert "after step 2 are not written" in caplog.text and "after step 4" not in caplog.text
+    # the rows of steps 0, 4 and 5 (every fourth, and the last) are logged: the evaluation after 3 steps is lost,
+    # the one after 6 is in the last row
+    assert "after step 3 are not written" in caplog.text and "after step 6" not in caplog.text
     rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval/error_rate" in r] == [3]
+    assert [r["step"] for r in rows] == [0, 4, 5] and [r["step"] for r in rows if "eval/error_rate" in r] == [5]
 
 
 def test_every_steps_is_checked():
