@@ -258,46 +258,63 @@ class RewardServer:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise _Refused(413, f"request body exceeds {limit} bytes; send fewer samples per request")
-        # a compressed or chunked body may grow up to the limit as it is read
-        claim = limit if declared is None or "Content-Encoding" in request.headers else declared
+        claim, body = await self._receive(request)
         try:
-            await asyncio.wait_for(self._budget.acquire(claim), self.limits.body_timeout_s)
+            job = self._admit(self._decode(request, body))  # the body and its decoded form are freed once parsed
+            del body
+            return await self._wait_for(request, job)
+        finally:
+            self._budget.release(claim)
+
+    async def _receive(self, request: web.Request) -> tuple[int, bytearray]:
+        """The (decompressed) body and the bytes of ``max_inflight_mb`` it holds. The room is taken when the first
+        bytes arrive, so a connection that declares a large body and sends nothing holds none; once it is taken, an
+        upload may pause ``upload_idle_s`` at most (408), so one that sends a little and stops holds it briefly. Read
+        here rather than by ``request.read()``, which keeps a copy for as long as the client holds the connection."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.limits.body_timeout_s
+        body = bytearray(await self._next_chunk(request, give_up))
+        if not body:
+            return 0, body
+        # a compressed or chunked body may grow up to the limit as it is read
+        limit = self.limits.max_request_bytes
+        claim = limit if request.content_length is None or "Content-Encoding" in request.headers else \
+            request.content_length
+        try:
+            await asyncio.wait_for(self._budget.acquire(claim), give_up - loop.time())
         except asyncio.TimeoutError:
             raise _Refused(503, f"server busy: no room for {claim} more request bytes within "
                                 f"{self.limits.body_timeout_s:g} s; try another server",
                            self._retry_after()) from None
         try:
-            payload = await self._read(request)
-            job = self._admit(payload)  # the decoded body is freed once parsed
-            del payload
-            return await self._wait_for(request, job)
-        finally:
+            while True:
+                if len(body) > limit:
+                    raise _Refused(413, f"request body exceeds {limit} bytes; send fewer samples per request")
+                chunk = await self._next_chunk(request, min(give_up, loop.time() + self.limits.upload_idle_s))
+                if not chunk:
+                    return claim, body
+                body += chunk
+        except BaseException:  # the room goes back whatever ended the upload, then the reason goes on
             self._budget.release(claim)
+            raise
 
-    async def _read(self, request: web.Request) -> Any:
+    async def _next_chunk(self, request: web.Request, until: float) -> bytes:
         try:
-            body = await asyncio.wait_for(self._receive(request), self.limits.body_timeout_s)
+            return await asyncio.wait_for(request.content.readany(), until - asyncio.get_running_loop().time())
         except asyncio.TimeoutError:
-            raise _Refused(408, f"request body not received within {self.limits.body_timeout_s:g} s") from None
+            raise _Refused(408, f"request body not received within {self.limits.body_timeout_s:g} s, or paused "
+                                f"for more than {self.limits.upload_idle_s:g} s") from None
         except web.RequestPayloadError as err:  # e.g. Content-Encoding: gzip on a body that is not gzip
             encoding = request.headers.get("Content-Encoding")
             what = f"does not match its Content-Encoding {encoding!r:.40}" if encoding else "is malformed"
             raise _Refused(400, f"the request body {what}: {err.__cause__ or err}"[:MAX_REASON_CHARS]) from None
+
+    @staticmethod
+    def _decode(request: web.Request, body: bytearray) -> Any:
         try:
             return decode(body, request.content_type)
         except WireError as err:
             raise _Refused(400, str(err)[:MAX_REASON_CHARS]) from None
-
-    async def _receive(self, request: web.Request) -> bytearray:
-        """The (decompressed) body, read here rather than by ``request.read()``, which keeps a copy on the request
-        for as long as the client holds the connection open."""
-        body = bytearray()
-        async for chunk in request.content.iter_any():
-            body += chunk
-            if len(body) > self.limits.max_request_bytes:
-                raise _Refused(413, f"request body exceeds {self.limits.max_request_bytes} bytes; "
-                                    "send fewer samples per request")
-        return body
 
     def _admit(self, payload: Any) -> _Job:
         """The request's job, its refused samples' results filled in; queued unless the queue is full."""

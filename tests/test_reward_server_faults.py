@@ -445,3 +445,27 @@ def test_with_the_cer_defaults_a_small_request_behind_long_ones_waits_one_short_
 
     asyncio.run(both())
     assert waited["small"] < 0.5 + 0.2 < waited["long"]
+
+
+def test_idle_uploads_do_not_hold_the_byte_budget(local_server, clients):
+    # four connections declare the largest body and together the whole budget; they send nothing, then a few bytes
+    _, url = local_server(EnergyReward(), max_request_mb=1, max_inflight_mb=4, upload_idle_s=0.3, body_timeout_s=20)
+    port = int(url.rsplit(":", 1)[1])
+    header = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % 2**20)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    for sock in idle:
+        sock.sendall(header)  # declared, nothing sent: no room is taken
+    client = clients([url], retries=0, timeout_s=10)
+    t0 = time.monotonic()
+    assert client.score([sample()])[0].status == "ok"
+    assert time.monotonic() - t0 < 0.25
+    for sock in idle:
+        sock.sendall(b'{"samples": [')  # room taken, then a pause: cut after upload_idle_s
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    assert client.score([sample()])[0].status == "ok"
+    assert time.monotonic() - t0 < 0.3 + 0.25  # not the 20 s body timeout
+    assert all(b" 408 " in sock.recv(200).split(b"\r\n")[0] for sock in idle)
+    for sock in idle:
+        sock.close()
