@@ -117,6 +117,9 @@ class HarmonicSource(nn.Module):
             voiced = (f0 > cfg.nsf_voiced_threshold).float()
             noise_amp = voiced * cfg.nsf_sigma + (1 - voiced) * cfg.nsf_alpha / 3
             sines = sines * voiced + noise_amp * torch.randn_like(sines)
+            # the release also draws a noise branch that inference never uses; drawing as much keeps a seeded run in
+            # step with the release's, where HiFT's draws fall between the flow's (streaming)
+            torch.randn_like(voiced)
         return torch.tanh(self.l_linear(sines))
 
 

@@ -146,25 +146,44 @@ def test_block_causal_mask_matches_the_release():
     assert torch.equal(block_causal_mask([2, 4, 8], 40), released)
 
 
-def test_streaming_matches_the_releases_token2wav_stream(tmp_path):
+def stream_as_released(vocoder, tokens: torch.Tensor, seed: int) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Each pass's mel and the emitted pieces of GLMTTSCodec.stream on the fixture flow and prompt, with the release's
+    schedule, after ``torch.manual_seed(seed)`` (each pass's noise, and HiFT's, drawn in the release's order)."""
     data = load_file(FIXTURES / "stream.safetensors")
     flow = fixture_flow()
-    torch.manual_seed(12)  # the tiny Vocos2D the release ran, rebuilt from its seed
-    write_vocos2d(tmp_path / "generator_jit.ckpt", Vocos2DConfig(channels=4, depth=1))
     tokenizer_stand_in = SimpleNamespace(encoder=SimpleNamespace(config=SimpleNamespace(quantize_vocab_size=64)))
-    codec = GLMTTSCodec(tokenizer_stand_in, flow, Vocos2DTorchScript(tmp_path / "generator_jit.ckpt"), speaker=None)
+    codec = GLMTTSCodec(tokenizer_stand_in, flow, vocoder, speaker=None)
     prompt = VoicePrompt("", data["prompt_tokens"].tolist(), FlowCondition(data["prompt_mel"], data["speaker"]))
     mels, generate_streaming = [], flow.generate_streaming
     flow.generate_streaming = lambda *args: (lambda out: (mels.append(out[0]), out)[1])(generate_streaming(*args))
-    torch.manual_seed(3)  # each pass's starting noise, drawn in the release's order
-    pieces = list(codec.stream(data["tokens"].tolist(), prompt, 10, RELEASED_BLOCKS, RELEASED_LOOKAHEAD,
-                               RELEASED_FADE_S))
+    torch.manual_seed(seed)
+    pieces = list(codec.stream(tokens.tolist(), prompt, 10, RELEASED_BLOCKS, RELEASED_LOOKAHEAD, RELEASED_FADE_S))
+    return mels, pieces
+
+
+def test_streaming_with_vocos2d_matches_the_releases_token2wav_stream(tmp_path):
+    data = load_file(FIXTURES / "stream.safetensors")
+    torch.manual_seed(12)  # the tiny Vocos2D the release ran, rebuilt from its seed
+    write_vocos2d(tmp_path / "generator_jit.ckpt", Vocos2DConfig(channels=4, depth=1))
+    mels, pieces = stream_as_released(Vocos2DTorchScript(tmp_path / "generator_jit.ckpt"), data["tokens"], seed=3)
     # 100 tokens: blocks of 25, 50 and 25, each pass's mel over all tokens so far (the prompt's 39 frames dropped)
     assert [m.shape[1] for m in mels] == [51, 151, 201]
     for k, mel in enumerate(mels):  # measured 4.8e-7 on mels up to about 4
         torch.testing.assert_close(mel, data[f"mel.{k}"], atol=2e-6, rtol=0)
     assert [len(p) for p in pieces] == data["piece_lengths"].tolist()
     np.testing.assert_allclose(np.concatenate(pieces), data["audio"].numpy(), atol=1e-6, rtol=0)  # measured 4.5e-8
+
+
+def test_streaming_with_hift_matches_the_releases_token2wav_stream():
+    data = load_file(FIXTURES / "stream_hift.safetensors")
+    hift = HiFT(HiFTConfig(base_channels=16, f0_channels=8))
+    hift.load_state_dict(weights(load_file(FIXTURES / "hift.safetensors")))
+    mels, pieces = stream_as_released(hift.eval(), data["tokens"], seed=4)
+    assert [m.shape[1] for m in mels] == [51, 121]  # 60 tokens: blocks of 25 and 35
+    for k, mel in enumerate(mels):
+        torch.testing.assert_close(mel, data[f"mel.{k}"], atol=2e-6, rtol=0)
+    assert [len(p) for p in pieces] == data["piece_lengths"].tolist()
+    np.testing.assert_allclose(np.concatenate(pieces), data["audio"].numpy(), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ phoneme-in
