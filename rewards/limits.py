@@ -44,6 +44,8 @@ class ServerLimits:
     max_text_chars: int = _limit(2000, "characters of one sample's text (422 naming the sample beyond)")
     body_timeout_s: float = _limit(30.0, "longest wait for room for a request body, then longest time to receive "
                                          "it (503, 408); a stalled upload cannot hold a connection")
+    header_timeout_s: float = _limit(10.0, "longest a connection stays open without a complete request (half-sent "
+                                           "headers, an idle keep-alive), so connections cannot pile up")
     upload_idle_s: float = _limit(5.0, "longest pause in an upload once its bytes are reserved (408): a client that "
                                        "sends a little and stops holds room in max_inflight_mb this long at most")
 

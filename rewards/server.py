@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .audio import ALLOWED_RATES, BadAudioError, check_audio
 from .base import RewardPlugin, RewardResult, Sample, plugin_requires
@@ -419,10 +420,52 @@ class RewardServer:
         return application
 
 
+class _OneLineFramingErrors(logging.Filter):
+    """A malformed HTTP message (bad framing, a header too long) is the sender's fault: one line naming it, not the
+    13-line traceback aiohttp logs for each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, HttpProcessingError):
+            record.msg, record.exc_info = f"{record.getMessage()}: {type(err).__name__}: {err.message:.200}", None
+            record.args = ()
+        return True
+
+
+class _AcceptErrorLog:
+    """The event loop's exception handler: an accept error (out of file descriptors, a flood of connections) is
+    logged in one line, at most once per ``every_s``, with the count since; the loop retries the accept by itself.
+    Anything else goes to the default handler."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s, self.last, self.missed = every_s, -math.inf, 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "accept" not in context.get("message", ""):
+            loop.default_exception_handler(context)
+            return
+        if loop.time() - self.last < self.every_s:
+            self.missed += 1
+            return
+        logger.error("cannot accept connections: %s (%d more such errors in the last %g s)",
+                     context.get("exception") or context["message"], self.missed, self.every_s)
+        self.last, self.missed = loop.time(), 0
+
+
 def serve(plugin: RewardPlugin, host: str = "127.0.0.1", port: int = 8100, limits: ServerLimits | None = None,
           version: str = "") -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("reward server %s listens on %s: every host that can reach it may send work",
                        plugin.name, host)
-    web.run_app(RewardServer(plugin, limits, version).app(), host=host, port=port,  # logged once listening
+    server = RewardServer(plugin, limits, version)
+    app = server.app()
+
+    async def quiet_accept_errors(app: web.Application) -> None:
+        asyncio.get_running_loop().set_exception_handler(_AcceptErrorLog())
+
+    app.on_startup.append(quiet_accept_errors)
+    logging.getLogger("aiohttp.server").addFilter(_OneLineFramingErrors())
+    # a connection without a complete request (half-sent headers, an idle keep-alive) is closed after
+    # header_timeout_s, so a flood of them cannot hold the server's file descriptors
+    web.run_app(app, host=host, port=port, keepalive_timeout=server.limits.header_timeout_s,
                 print=lambda _: logger.info("serving reward %s on http://%s:%d", plugin.name, host, port))

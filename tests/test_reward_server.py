@@ -35,10 +35,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(*extra, name="energy"):
+def start_server(*extra, name="energy", log=subprocess.DEVNULL):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vocalign.launch.cli", "serve-reward", name, "--port", str(port),
-                             *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -272,3 +272,30 @@ def test_node_launcher_starts_every_server_of_a_spec(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_half_sent_headers_are_cut_after_header_timeout_and_framing_errors_log_one_line(tmp_path):
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        proc, url = start_server("--header-timeout-s", "0.5", log=sink)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        half = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+        for sock in half:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+        t0 = time.monotonic()
+        assert all(sock.recv(100) == b"" for sock in half)  # closed by the server
+        assert 0.4 < time.monotonic() - t0 < 2.0
+        for sock in half:
+            sock.close()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as bad:
+                bad.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
+                assert b" 400 " in bad.recv(200).split(b"\r\n")[0]
+        assert len(RewardClient([url], retries=0).score([sample(0.1)])) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lines = [line for line in log.read_text().splitlines() if "Error handling request" in line]
+    assert len(lines) == 3 and "Traceback" not in log.read_text(), log.read_text()[-2000:]
+    assert "InvalidHeader" in lines[0] or "BadHttpMessage" in lines[0], lines[0]

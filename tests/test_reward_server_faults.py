@@ -20,7 +20,7 @@ from vocalign.rewards.client import RewardClient, RewardRequestError, RewardServ
 from vocalign.rewards.energy import EnergyReward
 from vocalign.rewards.limits import ServerLimits
 from vocalign.rewards.scorer import build_plugin
-from vocalign.rewards.server import RewardServer
+from vocalign.rewards.server import RewardServer, _AcceptErrorLog
 from vocalign.rewards.wire import JSON, encode, request_payload
 
 
@@ -469,3 +469,19 @@ def test_idle_uploads_do_not_hold_the_byte_budget(local_server, clients):
     assert all(b" 408 " in sock.recv(200).split(b"\r\n")[0] for sock in idle)
     for sock in idle:
         sock.close()
+
+
+def test_accept_errors_are_logged_once_per_interval_in_one_line(caplog):
+    loop = asyncio.new_event_loop()
+    try:
+        handler = _AcceptErrorLog(every_s=60)
+        for _ in range(1000):  # what a flood under `ulimit -n` makes the loop report, each time it retries
+            handler(loop, {"message": "socket.accept() out of system resource",
+                           "exception": OSError(24, "Too many open files")})
+    finally:
+        loop.close()
+    records = [r for r in caplog.records if r.name == "vocalign.rewards.server"]
+    assert len(records) == 1 and not records[0].exc_info
+    assert records[0].getMessage() == ("cannot accept connections: [Errno 24] Too many open files (0 more such "
+                                       "errors in the last 60 s)")
+    assert handler.missed == 999
