@@ -35,11 +35,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(*extra, name="energy", log=subprocess.DEVNULL):
+def start_server(*extra, name="energy", log=subprocess.DEVNULL, path=""):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vocalign.launch.cli", "serve-reward", name, "--port", str(port),
                              *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -56,8 +56,8 @@ def start_server(*extra, name="energy", log=subprocess.DEVNULL):
 def servers():
     started = []
 
-    def launch(*extra):
-        proc, url = start_server(*extra)
+    def launch(*extra, **options):
+        proc, url = start_server(*extra, **options)
         started.append(proc)
         return proc, url
 
@@ -299,3 +299,47 @@ def test_half_sent_headers_are_cut_after_header_timeout_and_framing_errors_log_o
     lines = [line for line in log.read_text().splitlines() if "Error handling request" in line]
     assert len(lines) == 3 and "Traceback" not in log.read_text(), log.read_text()[-2000:]
     assert "InvalidHeader" in lines[0] or "BadHttpMessage" in lines[0], lines[0]
+
+
+PACED = """
+import time
+
+from vocalign.rewards.base import RewardResult
+
+
+class FakePacedReward:
+    \"\"\"A model of known speed: ``rate`` samples per second, whatever the batch.\"\"\"
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def score(self, samples):
+        time.sleep(len(samples) / self.rate)
+        return [RewardResult(float(s.audio[0])) for s in samples]
+"""
+
+
+def test_after_a_kill_9_the_survivor_completes_every_call_it_has_the_capacity_for(servers, tmp_path):
+    (tmp_path / "paced.py").write_text(PACED)
+    (tmp_path / "paced.yaml").write_text("target: paced:FakePacedReward\nrate: 400\n")
+    (doomed, url_a), (_, url_b) = (servers("--config", str(tmp_path / "paced.yaml"), path=str(tmp_path))
+                                   for _ in range(2))
+    client = RewardClient([url_a, url_b], timeout_s=3, retries=3, backoff_s=0.05)
+    calls = [[sample(0.01 * (k + 1))] * 128 for k in range(4)]  # 512 samples: 1.3 s for one server alone
+
+    async def all_calls():
+        return await asyncio.gather(*(client.score_async(call) for call in calls))
+
+    killer = threading.Timer(0.3, doomed.kill)  # mid-way, with chunks queued on it
+    killer.start()
+    try:
+        t0 = time.monotonic()
+        answers = asyncio.run(all_calls())
+        took = time.monotonic() - t0
+    finally:
+        killer.join()
+        client.close()
+    for call, got in zip(calls, answers):
+        assert [r.status for r in got] == ["ok"] * 128
+        assert [r.value for r in got] == pytest.approx([s.audio[0] for s in call])
+    assert set(client.stats.failures_by_url) == {url_a} and took < 3  # the survivor was never taken for hung
