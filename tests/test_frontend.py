@@ -111,3 +111,13 @@ def test_characters_pypinyin_misreads_are_read_as_released():
     frontend = PhonemeFrontend(g2p, text_readable=set("好"))
     assert frontend.convert("呣好") == "<|M|><|U3|>好"  # the character stays 呣 where it is not converted
     assert PhonemeFrontend(g2p).convert("呣，嗯") == "呣，嗯"
+
+
+@needs_data
+def test_release_configs_folder_loads_and_missing_tables_are_named(tmp_path):
+    frontend = PhonemeFrontend.from_release_configs(DATA)
+    assert frontend.convert("他是老饕餮") == "他是老<|T|><|AO1|><|T|><|IE4|>"  # the readable set applies
+    assert frontend.convert("弦") == "<|X|><|IAN2|>"  # and the replace dictionary
+    (tmp_path / "G2P_all_phonemes.json").write_text((DATA / "G2P_all_phonemes.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"missing \['G2P_replace_dict\.jsonl', 'G2P_able_1word\.json'\]"):
+        PhonemeFrontend.from_release_configs(tmp_path)
