@@ -62,7 +62,7 @@ def test_demo_ablation_writes_table_with_heldout_metrics_and_plot(tmp_path):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))  # variants run in the order written
     out = run_sweep(path)
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["run"] for r in rows] == ["full", "sum_then_normalize", "no_resampling", "fixed_clip"]
+    assert [r["run"] for r in rows] == ["full", "sum_then_normalize", "no_resampling", "fixed_clip", "token_credit"]
     assert {r["seed"] for r in rows} == {"3"} and (out / "full" / "seed3" / "final").is_dir()
     assert {"cer", "sim", "heldout sft error_rate", "heldout grpo error_rate"} <= set(rows[0])
-    assert (out / "results.md").read_text().count("\n") == 6 and (out / "reward_curves.png").stat().st_size > 0
+    assert (out / "results.md").read_text().count("\n") == 7 and (out / "reward_curves.png").stat().st_size > 0
