@@ -55,6 +55,7 @@ STATUSES = (OK, INVALID, FAILED)
 
 Span = tuple[float, float, float]  # (start_s, end_s, value) over a sample's audio
 SPAN_TOLERANCE_S = 0.05  # a recogniser's last word may end a frame or two past the audio (Whisper: 20 ms steps)
+SPAN_OVERLAP_NOISE_S = 1e-6  # spans that touch may overlap by float rounding of frame times (91 * 0.01 > 0.91)
 
 
 def check_spans(spans: Sequence[Span], duration_s: float | None, where: str) -> None:
@@ -74,7 +75,7 @@ def check_spans(spans: Sequence[Span], duration_s: float | None, where: str) -> 
             raise ValueError(f"{where}: span {k} {span!r} needs 0 <= start_s < end_s (seconds of the scored audio)")
         if duration_s is not None and end > duration_s + SPAN_TOLERANCE_S:
             raise ValueError(f"{where}: span {k} {span!r} ends after the audio ({duration_s:.3f} s); clip it")
-        if start < previous_end:
+        if start < previous_end - SPAN_OVERLAP_NOISE_S:
             raise ValueError(f"{where}: span {k} {span!r} starts before span {k - 1} ends ({previous_end:.3f} s); "
                              "spans must be sorted by time and must not overlap")
         previous_end = end
@@ -292,7 +293,11 @@ def _score_one(plugin: RewardPlugin, samples: Sequence[Sample],
         if len(out) != len(subset):
             raise RuntimeError(f"reward {plugin.name!r} returned {len(out)} results for {len(subset)} samples")
         for i, result in zip(todo, out):
-            check_spans(result.spans, len(samples[i].audio) / samples[i].sample_rate,
-                        f"reward {plugin.name!r}, sample {i}")
+            try:
+                check_spans(result.spans, len(samples[i].audio) / samples[i].sample_rate,
+                            f"reward {plugin.name!r}, sample {i}")
+            except ValueError as err:  # the reward's fault, not the policy's: masked and counted, not fatal
+                logger.warning("%s", err)
+                result = RewardResult.failed(f"invalid spans: {err}")
             results[i] = result
     return results  # type: ignore[return-value]

@@ -90,6 +90,8 @@ def _charge_short_slots(slots: list[list[float]]) -> list[Span]:
     spans: list[list[float]] = []
     carried = 0.0  # short slots' values met before the first long one
     for start, end, value in slots:
+        if spans:  # a recogniser's words may overlap their neighbours' by a frame: spans must not
+            start = max(start, spans[-1][1])
         if end - start >= MIN_SPAN_S:
             spans.append([start, end, value + carried])
             carried = 0.0

@@ -2,6 +2,8 @@
 real reward server on 127.0.0.1."""
 
 import asyncio
+import math
+import re
 import threading
 
 import numpy as np
@@ -50,10 +52,12 @@ def one_second(text="a"):
     ([(0.5, 0.8, -1.0), (0.1, 0.3, -1.0)], "span 1 .* starts before span 0 ends"),
     ([(0.1, 0.5, -1.0), (0.4, 0.8, -1.0)], "must not overlap"),
 ])
-def test_bad_spans_are_refused_naming_the_reward_and_the_sample(spans, message):
+def test_bad_spans_fail_their_sample_naming_the_reward_and_the_sample(spans, message):
+    """A reward that says *where* wrongly cannot be trusted on that sample: failed (masked), not fatal."""
     plugin = FakeSpanReward({"bad": spans})
-    with pytest.raises(ValueError, match=f"reward 'fake_spans', sample 1: .*{message}"):
-        score_all([plugin], [one_second(), one_second("bad")])
+    good, bad = score_all([plugin], [one_second(), one_second("bad")])["fake_spans"]
+    assert good.status == "ok" and bad.status == "failed" and math.isnan(bad.value)
+    assert re.search(f"reward 'fake_spans', sample 1: .*{message}", bad.reason)
 
 
 def test_good_spans_pass_and_results_without_spans_are_unchanged():

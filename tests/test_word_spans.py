@@ -147,3 +147,14 @@ def test_the_env_records_each_codecs_token_rate_and_the_decoded_audio_keeps_it(t
     voice = glm.prepare_prompt((0.1 * np.sin(np.arange(16000) / 7)).astype(np.float32), 16000, "hi")
     audio = glm.codec.decode([[1] * 20], [voice], flow_steps=1)[0]
     assert len(audio) / glm.codec.sample_rate == 20 / 25.0
+
+
+def test_words_that_overlap_by_a_frame_or_by_float_rounding_give_valid_spans():
+    """A recogniser's frame times (91 * 0.01 s) may put a word's start a hair before the previous one's end, or a
+    frame before it: the spans still pass the contract, and a run is not stopped by float noise."""
+    from vocalign.rewards.base import check_spans
+
+    heard = [TimedWord("one", 0.5, 91 * 0.01), TimedWord("two", 0.91, 1.11), TimedWord("three", 1.10, 1.4)]
+    spans = error_spans("one two three", heard, "en", 1.5)
+    check_spans(spans, 1.5, "test")
+    assert [s[:2] for s in spans] == [(0.5, 91 * 0.01), (91 * 0.01, 1.11), (1.11, 1.4)]
