@@ -238,19 +238,18 @@ class RewardClient:
         not_before = dict.fromkeys(order, started)  # a backoff or a Retry-After
         errors: dict[str, str] = {}  # url -> last failure, in the order first asked
         hung: set[str] = set()  # servers that timed out: not asked again in this call
+        # the server stops starting this request's samples a little before the client stops waiting
+        body = encode({**payload, "deadline_s": _DEADLINE_SHARE * self.timeout_s}, MSGPACK)
         failures = 0
         while failures <= self.retries:
             candidates = [u for u in order if u not in hung]
             if not candidates:
                 break
             url = min(candidates, key=lambda u: (asked[u], not_before[u]))  # the least asked, healthy ones first
-            wait = not_before[url] - time.monotonic()
-            if wait > 0 and errors.get(url, "").startswith(_BUSY) and time.monotonic() + wait > give_up:
+            if errors.get(url, "").startswith(_BUSY) and not_before[url] > give_up:
                 break  # busy, and it will not be free before this chunk's time is up
-            await asyncio.sleep(max(0.0, wait))
+            await asyncio.sleep(max(0.0, not_before[url] - time.monotonic()))
             asked[url] += 1
-            # the server stops starting this request's samples a little before the client stops waiting
-            body = encode({**payload, "deadline_s": _DEADLINE_SHARE * self.timeout_s}, MSGPACK)
             try:
                 return await self._post(session, url, body, n)
             except _Busy as busy:
