@@ -16,8 +16,9 @@ disconnected is dropped from the queue, not scored. A full queue is answered 503
 time the queue takes to drain, so a client waits or tries another server instead of counting the server as hung.
 
 What a client can claim is bounded (see :class:`~.limits.ServerLimits`): body size (413 before the body is read),
-bytes held across requests (a request waits for room, so memory stays flat), queued samples (503), upload time (408),
-samples per request and string fields (400).
+bytes held across requests (taken as a body starts to arrive; a request waits for room, so memory stays flat),
+queued samples (503), upload time and pauses (408), time without a complete request (the connection is closed),
+samples per request and string fields (400). Framing errors are logged in one line, accept errors once per 10 s.
 
 Every sample gets its own outcome (:class:`~.base.RewardResult`): ``ok``; ``invalid`` when the utterance itself is at
 fault (empty, not finite, longer than ``max_audio_seconds``: valued at the plugin's minimum); ``failed`` when it
