@@ -14,8 +14,6 @@ from vocalign.rewards.limits import ServerLimits
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from vocalign.eval.heldout import compare
     from vocalign.eval.plots import plot_reward_curves, read_metrics
     from vocalign.launch.recipe import load_recipe, process_state
@@ -30,13 +28,11 @@ def _train(args: argparse.Namespace) -> int:
     trainer = GRPOTrainer(run.model, run.env, run.scorer, run.prompts, config,
                           step_callbacks=[heldout.during_training] if heldout is not None else [])
     trainer.train()
-    if heldout is not None:
-        final, device = trainer.output_dir / "final", trainer.accelerator.device
-        if dist.is_initialized():  # the processes still form a group: each scores its share once final/ is written
-            trainer.accelerator.wait_for_everyone()
-            after = heldout.score(heldout.trained_policy(final, device), processes)
-        elif processes.is_main_process:  # alone, or train() ended the group (accelerator.end_training)
-            after = heldout.score(heldout.trained_policy(final, device))
+    if heldout is not None:  # every process scores its share once final/ is written
+        trainer.accelerator.wait_for_everyone()
+        after = heldout.score(heldout.trained_policy(trainer.output_dir / "final", trainer.accelerator.device),
+                              processes)
+    trainer.close()
     if processes.is_main_process:
         label = config.run_name or "run"
         ends = {label: {0: before.summary(), trainer.step: after.summary()}} if heldout is not None else None

@@ -96,10 +96,15 @@ class GRPOTrainer:
             history.append(metrics)
             if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
                 state = {"lr_scheduler": self.setup.lr_scheduler.state_dict(), "wandb_id": self.wandb_id}
-                save_checkpoint(self.accelerator, self.output_dir, self.step, state, cfg.save_total_limit)
+                save_checkpoint(self.accelerator, self.output_dir, self.step, state, cfg.save_total_limit,
+                                config=cfg)
         save_final(self.accelerator, self.model, self.output_dir / "final")
-        self.accelerator.end_training()
         return history
+
+    def close(self) -> None:
+        """End the run's trackers and process group: after :meth:`train` and whatever still needs the processes
+        together (the held-out evaluation of ``final/``, shared out between them)."""
+        self.accelerator.end_training()
 
     def prompts_for_step(self, step: int) -> list[Any]:
         """This process's prompts: a seeded permutation per epoch, global batches sliced by process index."""

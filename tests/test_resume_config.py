@@ -65,3 +65,21 @@ def test_resume_takes_true_false_or_force_only():
     assert GRPOConfig(resume="force").resume == "force" and GRPOConfig(resume=False).resume is False
     with pytest.raises(ValueError, match='resume must be true, false or "force", got \'yes\''):
         GRPOConfig(resume="yes")
+
+
+def test_the_trainers_own_checkpoints_carry_the_config_a_resume_checks(tmp_path):
+    from vocalign.rlhf.resampling import ResampleConfig
+    from vocalign.rlhf.toy_env import ToyEnv, ToyScorer, toy_prompts
+    from vocalign.rlhf.trainer import GRPOTrainer
+
+    toy = ToyConfig()
+
+    def trainer(**changes):
+        settings = dict(max_steps=1, save_steps=1, max_completion_length=4, reward_weights={},
+                        resample=ResampleConfig(enabled=False))
+        cfg = config(tmp_path, **{**settings, **changes})
+        return GRPOTrainer(build_toy_model(toy), ToyEnv(toy), ToyScorer(toy), toy_prompts(toy), cfg)
+
+    trainer().train()
+    with pytest.raises(ValueError, match="temperature: 1.0 in the checkpoint, 0.7 now"):
+        trainer(max_steps=2, temperature=0.7).train()
