@@ -46,24 +46,32 @@ def batch(model: torch.nn.Module, n: int, prompt_length: int, lengths: torch.Ten
     return Rollouts(prompt, torch.ones_like(prompt), ids, mask, logps * mask, num_generations=8)
 
 
-def time_update(group_by_length: bool, rollouts: Rollouts, micro_batch: int, repeats: int) -> float:
-    n = len(rollouts)
+def trainer_for(group_by_length: bool, n: int, micro_batch: int) -> GRPOTrainer:
     config = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=1, prompts_per_step=n // 8, num_generations=8,
                         micro_batch_size=micro_batch, learning_rate=1e-5, report_to="none",
                         resample=ResampleConfig(enabled=False), group_by_length=group_by_length)
     toy = ToyConfig()  # the trainer needs an environment and a scorer; the update never calls them
-    trainer = GRPOTrainer(LlamaForCausalLM.from_pretrained(DEMO_LLM), ToyEnv(toy), ToyScorer(toy), toy_prompts(toy),
-                          config)
+    return GRPOTrainer(LlamaForCausalLM.from_pretrained(DEMO_LLM), ToyEnv(toy), ToyScorer(toy), toy_prompts(toy),
+                       config)
+
+
+def time_updates(rollouts: Rollouts, micro_batch: int, repeats: int) -> dict[bool, float]:
+    """Median seconds of one update per setting, the two settings measured in turn so that a machine whose load
+    changes during the run slows both alike."""
+    n = len(rollouts)
+    trainers = {grouped: trainer_for(grouped, n, micro_batch) for grouped in (False, True)}
     advantages = torch.randn(n, generator=torch.Generator().manual_seed(1))
     hp = StepHyperparams(0.2, 0.3, 1.0)
     scored = torch.ones(n, dtype=torch.bool)
-    trainer.optimise(rollouts, advantages, scored, hp)  # warm-up
-    times = []
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for trainer in trainers.values():
+        trainer.optimise(rollouts, advantages, scored, hp)  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        trainer.optimise(rollouts, advantages, scored, hp)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for grouped, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.optimise(rollouts, advantages, scored, hp)
+            times[grouped].append(time.perf_counter() - t0)
+    return {grouped: statistics.median(t) for grouped, t in times.items()}
 
 
 def main() -> None:
@@ -78,8 +86,8 @@ def main() -> None:
     lengths = torch.randint(args.min_length, args.max_length + 1, (args.rows,),
                             generator=torch.Generator().manual_seed(2))
     rollouts = batch(LlamaForCausalLM.from_pretrained(DEMO_LLM), args.rows, args.prompt_length, lengths)
-    full = time_update(False, rollouts, args.micro_batch, args.repeats)
-    grouped = time_update(True, rollouts, args.micro_batch, args.repeats)
+    median = time_updates(rollouts, args.micro_batch, args.repeats)
+    full, grouped = median[False], median[True]
     real = int(lengths.sum())
     print(f"{args.rows} completions of {args.min_length}-{args.max_length} tokens ({real} real tokens, "
           f"{args.rows * int(lengths.max())} when padded to the widest), micro-batches of {args.micro_batch}, "
