@@ -99,12 +99,14 @@ class GRPOTrainer:
                 save_checkpoint(self.accelerator, self.output_dir, self.step, state, cfg.save_total_limit,
                                 config=cfg)
         save_final(self.accelerator, self.model, self.output_dir / "final")
+        for tracker in self.accelerator.trackers:  # the wandb run is complete; the processes stay together
+            tracker.finish()
         return history
 
     def close(self) -> None:
-        """End the run's trackers and process group: after :meth:`train` and whatever still needs the processes
-        together (the held-out evaluation of ``final/``, shared out between them)."""
-        self.accelerator.end_training()
+        """End the process group, after :meth:`train` and whatever still needs the processes together (the
+        held-out evaluation of ``final/``, shared out between them)."""
+        self.accelerator.state.destroy_process_group()
 
     def prompts_for_step(self, step: int) -> list[Any]:
         """This process's prompts: a seeded permutation per epoch, global batches sliced by process index."""

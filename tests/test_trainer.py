@@ -54,7 +54,7 @@ def test_flat_groups_are_resampled_within_bounds_then_zeroed(tmp_path):
     prompts = trainer.prompts_for_step(0)
     from vocalign.rlhf.rollout import SamplingParams
 
-    rollouts, _, _, rounds, still_flat = trainer.generate_and_score(prompts, SamplingParams(max_new_tokens=8))
+    rollouts, _, _, _, rounds, still_flat = trainer.generate_and_score(prompts, SamplingParams(max_new_tokens=8))
     # budget 40 generations with G=8 -> 5 group resamples: 4 in round one, 1 in round two
     assert rounds.tolist() == [2, 1, 1, 1]
     assert scorer.calls == 3 and still_flat.all() and len(rollouts) == 32
@@ -76,7 +76,7 @@ def test_resampling_off_leaves_groups_alone(tmp_path):
     trainer = make_trainer(tmp_path, scorer, resample=ResampleConfig(enabled=False))
     from vocalign.rlhf.rollout import SamplingParams
 
-    _, _, _, rounds, still_flat = trainer.generate_and_score(trainer.prompts_for_step(0), SamplingParams(max_new_tokens=8))
+    _, _, _, _, rounds, still_flat = trainer.generate_and_score(trainer.prompts_for_step(0), SamplingParams(max_new_tokens=8))
     assert scorer.calls == 1 and rounds.sum() == 0 and not still_flat.any()
 
 
