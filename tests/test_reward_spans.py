@@ -1,19 +1,14 @@
 """Time-localised scores (spans): validated like the scalar, and carried both ways through the wire format and a
 real reward server on 127.0.0.1."""
 
-import asyncio
 import math
 import re
-import threading
 
 import numpy as np
 import pytest
-from aiohttp import web
 
 from vocalign.rewards.base import RewardResult, Sample, check_spans, score_all
 from vocalign.rewards.client import RewardClient
-from vocalign.rewards.limits import ServerLimits
-from vocalign.rewards.server import RewardServer
 from vocalign.rewards.wire import (
     JSON,
     MSGPACK,
@@ -92,35 +87,9 @@ def test_a_reply_with_malformed_spans_is_a_wire_error_saying_where(spans, messag
         results_from_wire([{"value": 1.0, "info": {}, "spans": spans}], 1, "reply")
 
 
-@pytest.fixture
-def loopback_server():
-    """A reward server for ``plugin`` on 127.0.0.1 in a background event loop; stopped after the test."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runners = []
-
-    def start(plugin):
-        async def up():
-            runner = web.AppRunner(RewardServer(plugin, ServerLimits()).app(), shutdown_timeout=1.0)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            return runner
-
-        runners.append(asyncio.run_coroutine_threadsafe(up(), loop).result(10))
-        return f"http://127.0.0.1:{runners[-1].addresses[0][1]}"
-
-    yield start
-    for runner in runners:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
-
-
-def test_a_remote_reward_sends_its_spans_to_the_client(loopback_server):
+def test_a_remote_reward_sends_its_spans_to_the_client(local_server):
     spans = {"one two": [(0.12, 0.36, -1.0), (0.6, 0.84, 0.0)], "three": [(0.0, 0.2, -1.0)]}
-    url = loopback_server(FakeSpanReward(spans))
+    _, url = local_server(FakeSpanReward(spans))
     client = RewardClient([url])
     try:
         out = client.score([one_second("one two"), one_second("none"), one_second("three")])
