@@ -11,7 +11,9 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-SHORTENED = {"trainer.max_steps": 27, "trainer.save_steps": 1000, "trainer.report_to": "none", "eval.limit": 64}
+# All 128 held-out rows: on 64, the two evaluation seeds of the starting policy alone differ by up to 0.09, more
+# than 27 steps gain.
+SHORTENED = {"trainer.max_steps": 27, "trainer.save_steps": 1000, "trainer.report_to": "none", "eval.limit": 128}
 
 
 def test_grpo_lowers_held_out_word_error_rate_beyond_seed_noise(tmp_path):
