@@ -244,11 +244,12 @@ def score_all(plugins: Sequence[RewardPlugin], samples: Sequence[Sample]) -> dic
     outside the interpreter (in torch, in worker processes, waiting on a server), so running them side by side
     takes about as long as the slowest one, not the sum. A plugin's error is raised here, as it would be in turn."""
     ordered = dependency_order(plugins)  # what a plugin requires is submitted before it
+    verdicts = [screen(sample) for sample in samples]  # once per sample, whatever the number of plugins
     with ThreadPoolExecutor(max_workers=len(ordered), thread_name_prefix="reward") as pool:
         futures: dict[str, Future[list[RewardResult]]] = {}
         for plugin in ordered:
             upstream = {name: futures[name] for name in plugin_requires(plugin)}
-            futures[plugin.name] = pool.submit(_score_one, plugin, samples, upstream)
+            futures[plugin.name] = pool.submit(_score_one, plugin, samples, verdicts, upstream)
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -272,14 +273,14 @@ def screen(sample: Sample) -> RewardResult | None:
     return None
 
 
-def _score_one(plugin: RewardPlugin, samples: Sequence[Sample],
+def _score_one(plugin: RewardPlugin, samples: Sequence[Sample], verdicts: Sequence[RewardResult | None],
                upstream: Mapping[str, Future[list[RewardResult]]]) -> list[RewardResult]:
-    """``plugin``'s results for ``samples``; samples :func:`screen` rejects, or that a required plugin could not
-    score, get their result here and are not handed to the plugin."""
+    """``plugin``'s results for ``samples``; samples :func:`screen` rejected (``verdicts``), or that a required
+    plugin could not score, get their result here and are not handed to the plugin."""
     needed = {n: f.result() for n, f in upstream.items()}  # upstream plugins were submitted first: no deadlock
     results: list[RewardResult | None] = [None] * len(samples)
-    for i, sample in enumerate(samples):
-        if (early := screen(sample)) is not None:
+    for i, early in enumerate(verdicts):
+        if early is not None:
             results[i] = RewardResult.invalid(plugin, early.reason) if early.status == INVALID else early
         elif failed := sorted(n for n, r in needed.items() if r[i].status == FAILED):
             results[i] = RewardResult.failed(f"{', '.join(failed)} could not score it")
