@@ -176,10 +176,11 @@ def token_advantages(
     *,
     std_tolerance: float = 1e-6,
     eps: float = 1e-4,
-) -> torch.Tensor:
-    """Per-token advantages ``[P, G, C]``: the sequence-level ``advantages`` ``[P, G]`` of every token, plus, for
-    each localised reward k, ``w_k * z_k`` where ``z_k`` is its per-token value ``[P, G, C]`` z-scored within the
-    group over the tokens it ``touched`` (0 elsewhere, and where the group's touched tokens do not vary).
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-token advantages ``[P, G, C]`` and each localised reward's term: the sequence-level ``advantages``
+    ``[P, G]`` of every token, plus, for each localised reward k, the term ``w_k * z_k`` where ``z_k`` is its
+    per-token value ``[P, G, C]`` z-scored within the group over the tokens it ``touched`` (0 elsewhere, and where
+    the group's touched tokens do not vary).
 
     The sequence-level term says how good the utterance was; the localised one moves credit between tokens of the
     group: tokens in words the recogniser got wrong lose, tokens in words it got right gain, whatever the utterance's
@@ -188,10 +189,12 @@ def token_advantages(
     """
     if not token_values:
         raise ValueError("token_advantages needs at least one localised reward")
+    terms = [weight * localised_term(values, mask, std_tolerance=std_tolerance, eps=eps)
+             for values, mask, weight in zip(token_values, touched, weights, strict=True)]
     out = advantages.unsqueeze(-1).expand_as(token_values[0]).to(token_values[0].dtype).clone()
-    for values, mask, weight in zip(token_values, touched, weights, strict=True):
-        out += weight * localised_term(values, mask, std_tolerance=std_tolerance, eps=eps)
-    return out
+    for term in terms:
+        out += term
+    return out, terms
 
 
 def localised_term(values: torch.Tensor, touched: torch.Tensor, *, std_tolerance: float = 1e-6,

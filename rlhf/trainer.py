@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from trl.models.utils import unwrap_model_for_generation
 
-from .advantages import compute_advantages, localised_term, rewards_to_tensor, scored_samples, token_advantages
+from .advantages import compute_advantages, rewards_to_tensor, scored_samples, token_advantages
 from .batching import plan_micro_batches
 from .checkpointing import save_checkpoint, save_final
 from .config import GRPOConfig
@@ -246,13 +246,12 @@ class GRPOTrainer:
             touched.append(t.bool().view(p, g, -1) & mask)
         weights = [self.config.token_reward_weights[name] for name in self.localised]
         cfg = self.config
-        per_token = token_advantages(advantages, values, touched, weights, std_tolerance=cfg.std_tolerance,
-                                     eps=cfg.advantage_eps)
+        per_token, terms = token_advantages(advantages, values, touched, weights, std_tolerance=cfg.std_tolerance,
+                                            eps=cfg.advantage_eps)
         per_token = per_token.masked_fill(~rollouts.completion_mask.bool().view(p, g, -1), 0.0)
         sums = [float(rollouts.completion_mask.sum())]  # the batch's tokens, then per reward: touched, |term|
-        for v, t, w in zip(values, touched, weights):
-            term = w * localised_term(v, t, std_tolerance=cfg.std_tolerance, eps=cfg.advantage_eps)[t]
-            sums += [float(t.sum()), term.abs().sum().item()]
+        for term, t in zip(terms, touched):
+            sums += [float(t.sum()), term[t].abs().sum().item()]
         totals = self.accelerator.reduce(torch.tensor(sums, device=self.accelerator.device), reduction="sum").tolist()
         metrics = {}
         for k, name in enumerate(self.localised):

@@ -235,9 +235,9 @@ def test_token_advantages_by_hand():
     advantages = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     values = torch.tensor([[[-1.0, 0.0, 7.0], [0.0, 0.0, 7.0]]], dtype=torch.float64)
     touched = torch.tensor([[[True, True, False], [True, True, False]]])
-    out = token_advantages(advantages, [values], [touched], [2.0], eps=0.0)
+    out, _ = token_advantages(advantages, [values], [touched], [2.0], eps=0.0)
     assert out.tolist() == [[[-2.0, 2.0, 1.0], [0.0, 0.0, -1.0]]]
-    flat = token_advantages(advantages, [torch.zeros_like(values)], [touched], [2.0], eps=0.0)
+    flat, _ = token_advantages(advantages, [torch.zeros_like(values)], [touched], [2.0], eps=0.0)
     assert flat.tolist() == [[[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]]  # nothing varies: sequence-level only
 
 
