@@ -18,8 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from vocalign.rewards.base import Span
+
+from .rollout import Rollouts
 
 BOUNDARY_S = 1e-6  # a span that ends exactly where a slot starts does not overlap it, float noise notwithstanding
 
@@ -55,3 +58,12 @@ def token_value_grid(spans: Sequence[Sequence[Span]], num_tokens: Sequence[int],
     for row, (row_spans, n) in enumerate(zip(spans, num_tokens)):
         values[row, :n], touched[row, :n] = token_values(row_spans, n, token_rate_hz, delay_s)
     return values, touched
+
+
+def rollout_token_values(rollouts: Rollouts, spans: Sequence[Sequence[Span]], token_rate_hz: float,
+                         delay_s: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_value_grid` for a batch of rollouts: ``(values, touched)`` ``[N, C]``, aligned with its
+    ``completion_mask`` (what an environment's ``localise`` returns)."""
+    values, touched = token_value_grid(spans, rollouts.completion_mask.sum(-1).tolist(),
+                                       rollouts.completion_ids.shape[1], token_rate_hz, delay_s)
+    return torch.from_numpy(values), torch.from_numpy(touched)

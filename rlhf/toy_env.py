@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vocalign.policies.sampling import sample
 
 from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer, Scores
-from .token_credit import token_value_grid
+from .token_credit import rollout_token_values
 
 
 @dataclass
@@ -95,9 +95,7 @@ class ToyEnv(RolloutEnv):
     def localise(self, rollouts: Rollouts, spans: Sequence[Sequence[tuple[float, float, float]]]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The toy's output is its tokens: span ``(a, b, v)`` covers completion tokens a to b - 1 (one per unit)."""
-        values, touched = token_value_grid(spans, rollouts.completion_mask.sum(-1).tolist(),
-                                           rollouts.completion_ids.shape[1], token_rate_hz=1.0)
-        return torch.from_numpy(values), torch.from_numpy(touched)
+        return rollout_token_values(rollouts, spans, token_rate_hz=1.0)
 
 
 class ToyScorer(Scorer):

@@ -28,7 +28,7 @@ from vocalign.rewards.audio import check_audio_file, read_audio
 from vocalign.rewards.base import Span
 
 from .rollout import RolloutEnv, Rollouts, SamplingParams
-from .token_credit import token_value_grid
+from .token_credit import rollout_token_values
 
 REQUIRED_COLUMNS = ("text", "language", "prompt_wav", "prompt_text")
 
@@ -136,7 +136,5 @@ class TTSEnv(RolloutEnv):
         if not self.token_timing:
             raise NotImplementedError(f"{type(self.pipeline.codec).__name__} has no known token rate; token-level "
                                       "credit needs one (see tts_env.token_timing)")
-        lengths = rollouts.completion_mask.sum(-1).tolist()
-        values, touched = token_value_grid(spans, lengths, rollouts.completion_ids.shape[1],
-                                           self.token_timing["token_rate_hz"], self.token_timing["token_delay_s"])
-        return torch.from_numpy(values), torch.from_numpy(touched)
+        return rollout_token_values(rollouts, spans, self.token_timing["token_rate_hz"],
+                                    self.token_timing["token_delay_s"])
