@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from vocalign.common.audio import to_model_rate
 from vocalign.policies.mel_units import MelUnits
-from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import Sample
 from vocalign.rewards.cer import CERReward
 from vocalign.rewards.pocketsphinx_asr import PocketSphinxASR
@@ -47,7 +47,7 @@ VOICES = ["en-us+klatt", "en-us+f4", "en-us+m5", "en-us+david"]
 SPEED = 150  # espeak-ng words per minute, as the demo speaks
 QUIET_DB = 40.0  # a frame more than this below the altered word's loudest frame is silence around it
 FRAME_S = 0.005
-DEMO_UNITS = Path(__file__).resolve().parents[1] / "policies" / "demo" / "ckpt" / "mel_units"
+DEMO_UNITS = Path(__file__).resolve().parents[1] / "demo" / "ckpt" / "mel_units"
 
 
 @dataclass(frozen=True)

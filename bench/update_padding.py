@@ -2,7 +2,7 @@
 (``group_by_length: true``, the default) against every micro-batch padded to the batch's widest completion
 (``false``, what vocalign did before), on the same batch, model and machine, in this run.
 
-The model is the demo TTS's speech LM (policies/demo/ckpt/llm, 4 layers, 192 wide); the batch is 64 completions
+The model is the demo TTS's speech LM (demo/ckpt/llm, 4 layers, 192 wide); the batch is 64 completions
 with a 20x spread of lengths (10 to 200 tokens, uniform, as TTS utterances of one batch vary) after 60-token prompts,
 in micro-batches of 8. Both settings give the same gradient (tests/test_update.py); the ratio is what to read.
 Run: .venv/bin/python bench/update_padding.py [--repeats 3] [--micro-batch 8] [--min-length 10] [--max-length 200]
@@ -30,7 +30,7 @@ from vocalign.rlhf.schedules import StepHyperparams  # noqa: E402
 from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, toy_prompts  # noqa: E402
 from vocalign.rlhf.trainer import GRPOTrainer  # noqa: E402
 
-DEMO_LLM = Path(__file__).resolve().parents[1] / "policies" / "demo" / "ckpt" / "llm"
+DEMO_LLM = Path(__file__).resolve().parents[1] / "demo" / "ckpt" / "llm"
 
 
 def batch(model: torch.nn.Module, n: int, prompt_length: int, lengths: torch.Tensor) -> Rollouts:

@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from vocalign.policies.sampling import RELEASED_SAMPLING, SamplingParams
-from vocalign.rewards.audio import write_audio
-from vocalign.rewards.base import RewardPlugin, Sample, score_all
-from vocalign.rlhf.rollout import RolloutEnv
+from ..common.audio import write_audio
+from ..common.generation import SamplingParams
+from ..policies.sampling import RELEASED_SAMPLING
+from ..rewards.base import RewardPlugin, Sample, score_all
+from ..rlhf.rollout import RolloutEnv
 
 if TYPE_CHECKING:
-    from vocalign.rlhf.trainer import GRPOTrainer
+    from ..rlhf.trainer import GRPOTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
-from vocalign.rewards.audio import read_audio, write_audio
-from vocalign.rewards.base import RewardPlugin, Sample, score_all
+from ..common.audio import read_audio, write_audio
+from ..policies.pipeline import SynthesisSettings, TTSPipeline
+from ..rewards.base import RewardPlugin, Sample, score_all
 
 logger = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from dataclasses import fields
 from importlib.resources import files
 
-from vocalign.rewards.limits import ServerLimits
+from ..rewards.limits import ServerLimits
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vocalign.eval.heldout import compare
-    from vocalign.eval.plots import plot_reward_curves, read_metrics
-    from vocalign.launch.recipe import load_recipe, process_state
-    from vocalign.rlhf.trainer import GRPOTrainer
+    from ..eval.heldout import compare
+    from ..eval.plots import plot_reward_curves, read_metrics
+    from ..rlhf.trainer import GRPOTrainer
+    from .recipe import load_recipe, process_state
 
     log = logging.getLogger("vocalign")
     run, config = load_recipe(args.config, args.set)
@@ -47,8 +47,8 @@ def _train(args: argparse.Namespace) -> int:
 def _serve_reward(args: argparse.Namespace) -> int:
     import yaml
 
-    from vocalign.rewards.base import build_reward
-    from vocalign.rewards.server import serve
+    from ..rewards.base import build_reward
+    from ..rewards.server import serve
 
     # everything the command line says is checked before a model is loaded
     limits = ServerLimits.for_plugin(args.name, **{limit.name: getattr(args, limit.name)
@@ -57,7 +57,7 @@ def _serve_reward(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     settings = {}
     if args.config:
-        from vocalign.rlhf.config import load_yaml  # imports torch: only when there is a config to read
+        from ..rlhf.config import load_yaml  # imports torch: only when there is a config to read
 
         try:
             settings = load_yaml(args.config)
@@ -82,9 +82,9 @@ def _synth(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from vocalign.policies.frontend.g2p import PhonemeFrontend
-    from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
-    from vocalign.rewards.audio import audio_writer, read_audio
+    from ..common.audio import audio_writer, read_audio
+    from ..policies.frontend.g2p import PhonemeFrontend
+    from ..policies.pipeline import SynthesisSettings, TTSPipeline
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -106,11 +106,11 @@ def _synth(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from vocalign.eval.seed_tts_eval import evaluate, read_list
-    from vocalign.policies.frontend.g2p import PhonemeFrontend
-    from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
-    from vocalign.rewards.scorer import build_plugin
-    from vocalign.rlhf.config import load_yaml_list
+    from ..eval.seed_tts_eval import evaluate, read_list
+    from ..policies.frontend.g2p import PhonemeFrontend
+    from ..policies.pipeline import SynthesisSettings, TTSPipeline
+    from ..rewards.scorer import build_plugin
+    from ..rlhf.config import load_yaml_list
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -124,7 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from vocalign.launch.sweep import run_sweep
+    from .sweep import run_sweep
 
     out = run_sweep(args.sweep)
     logging.getLogger("vocalign").info("results: %s/results.md  plot: %s/reward_curves.png", out, out)
@@ -132,8 +132,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from vocalign.rlhf.config import parse_override
-    from vocalign.rlhf.sft import load_sft_config, train_voice
+    from ..rlhf.config import parse_override
+    from ..sft.finetune import load_sft_config, train_voice
 
     summary = train_voice(load_sft_config(args.config, dict(map(parse_override, args.set))))
     logging.getLogger("vocalign").info("adapter: %s (%.1f%% of parameters trained; loss %.3f -> %.3f)",
@@ -144,7 +144,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _tiny_ckpt(args: argparse.Namespace) -> int:
-    from vocalign.policies.checkpoints import TinySizes, write_tiny_checkpoint
+    from ..policies.checkpoints import TinySizes, write_tiny_checkpoint
 
     root = write_tiny_checkpoint(args.dir, TinySizes(num_codes=args.num_codes), args.phonemes, args.seed)
     logging.getLogger("vocalign").info("tiny checkpoint in the published layout: %s", root)
@@ -152,8 +152,8 @@ def _tiny_ckpt(args: argparse.Namespace) -> int:
 
 
 def _demo_tts(args: argparse.Namespace) -> int:
-    from vocalign.rlhf.config import parse_override
-    from vocalign.rlhf.demo_tts import build_demo_tts, load_demo_config
+    from ..demo.build import build_demo_tts, load_demo_config
+    from ..rlhf.config import parse_override
 
     out = build_demo_tts(load_demo_config(args.config, dict(map(parse_override, args.set))))
     logging.getLogger("vocalign").info("demo TTS: %s/ckpt, prompts in %s/prompts, provenance %s/provenance.json",

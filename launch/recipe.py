@@ -17,10 +17,10 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings
-from vocalign.rlhf.config import GRPOConfig, apply_overrides, from_dict, load_yaml, parse_override
-from vocalign.rlhf.rollout import RolloutEnv, Scorer
-from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
+from ..eval.heldout import HeldoutEvaluation, HeldoutSettings
+from ..rlhf.config import GRPOConfig, apply_overrides, from_dict, load_yaml, parse_override
+from ..rlhf.rollout import RolloutEnv, Scorer
+from ..rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,12 @@ def build_glmtts(settings: dict[str, Any], rewards: list[dict[str, Any]], config
     24000 (HiFT) or 32000 (Vocos2D), default as the checkpoint's files allow (rewards get the audio at that rate and
     resample it themselves); ``phonemes``: phoneme-in, a folder with the release's G2P tables (its ``configs/``),
     applied to rollouts and the held-out evaluation alike (a ``tiny`` checkpoint then gets the phoneme tokens)."""
-    from vocalign.policies.checkpoints import write_tiny_checkpoint
-    from vocalign.policies.frontend.g2p import RELEASE_TABLES, PhonemeFrontend
-    from vocalign.policies.pipeline import TTSPipeline
-    from vocalign.rewards.scorer import RewardScorer, build_plugin
-    from vocalign.rlhf.demo_tts import DEMO_CKPT, DEMO_PROMPTS
-    from vocalign.rlhf.tts_env import TTSEnv, load_prompt_rows
+    from ..demo import DEMO_CKPT, DEMO_PROMPTS
+    from ..policies.checkpoints import write_tiny_checkpoint
+    from ..policies.frontend.g2p import RELEASE_TABLES, PhonemeFrontend
+    from ..policies.pipeline import TTSPipeline
+    from ..rewards.scorer import RewardScorer, build_plugin
+    from ..rlhf.tts_env import TTSEnv, load_prompt_rows
 
     known = {"ckpt", "data", "flow_steps", "trust_remote_code", "sample_rate", "phonemes"}
     unknown = sorted(set(settings) - known)

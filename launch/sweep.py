@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from vocalign.eval.heldout import seed_cell
-from vocalign.eval.plots import plot_reward_curves, read_metrics
-from vocalign.rlhf.config import format_override, load_yaml, parse_override
+from ..eval.heldout import seed_cell
+from ..eval.plots import plot_reward_curves, read_metrics
+from ..rlhf.config import format_override, load_yaml, parse_override
 
 logger = logging.getLogger(__name__)
 

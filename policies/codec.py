@@ -17,8 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from vocalign.rewards.audio import to_model_rate
-
+from ..common.audio import to_model_rate
 from .flow import FlowInput, FlowMatching
 from .mel import MEL_24K, MEL_32K, MelConfig, log_mel
 from .mel_units import MelUnits

@@ -21,15 +21,11 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ..common.generation import left_padded_positions
+
 DECODINGS = ("auto", "dynamic", "static", "graph")
 # attention implementations that take an additive 4D mask, which the static decoder builds itself
 _MASKABLE_ATTENTION = ("sdpa", "eager")
-
-
-def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded rows: 0 at each row's first real token (padding gets 0 too). The sampler and the
-    trainer's log-prob pass must agree on them, or the PPO ratio would not start at 1."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Decoder(Protocol):

@@ -301,7 +301,7 @@ class FlowMatching(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu") -> FlowMatching:
         """``flow/config.yaml`` + ``flow/flow.pt`` (a state dict, raw or under ``"model"``), loaded strictly."""
-        from vocalign.rewards.audio import load_torch_state
+        from ..common.weights import load_torch_state
 
         folder = Path(folder)
         model = cls(read_flow_config(folder / "config.yaml"))

@@ -1,6 +1,6 @@
 """Speech units that need no neural decoder: k-means codes of log-mel frames, decoded by Griffin-Lim.
 
-The demo TTS that vocalign trains on a CPU (see :mod:`vocalign.rlhf.demo_tts`) needs a speech tokenizer and a
+The demo TTS that vocalign trains on a CPU (see :mod:`vocalign.demo.build`) needs a speech tokenizer and a
 token-to-audio stage it can build in seconds, where GLM-TTS has a Whisper-VQ tokenizer, a flow-matching model and a
 vocoder. A code stands for two consecutive 50 Hz log-mel frames (16 kHz, hop 320), so codes come at 25 Hz like
 GLM-TTS's speech tokens, each covering two mel frames as the flow model's do. Codes are the nearest of

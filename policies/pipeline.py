@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vocalign.rewards.audio import check_audio
-
+from ..common.audio import check_audio
+from ..common.generation import SamplingParams
 from .codec import GLMTTSCodec, MelUnitCodec, SpeechCodec, StreamingCodec, VoicePrompt
 from .frontend.g2p import PhonemeFrontend, as_tokens
 from .frontend.text import normalize_text, split_text
 from .long_text import Turn, chunk_prompt
-from .sampling import RELEASED_SAMPLING, SamplingParams
+from .sampling import RELEASED_SAMPLING
 from .speech_lm import SpeechLM, TTSPrompt
 from .streaming import RELEASED_BLOCKS, RELEASED_FADE_S, RELEASED_LOOKAHEAD
 

@@ -18,23 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..common.generation import SamplingParams
 from .decoding import make_decoder, resolve_decoding
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a caller wants tokens drawn, as one value from the trainer's config, the evaluation's or the CLI's down
-    to the sampler. The defaults truncate nothing; :data:`RELEASED_SAMPLING` holds GLM-TTS's inference settings."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    max_new_tokens: int | None = None  # None: the caller's own bound (the speech LM's is twice the text's tokens)
-    min_new_tokens: int = 0
-    # keep calling the model until every process is done: under DeepSpeed ZeRO-3 with several processes each
-    # forward pass is a collective
-    synced_processes: bool = False
-
 
 RELEASED_SAMPLING = SamplingParams(temperature=1.0, top_k=25, top_p=0.8)  # the released GLM-TTS inference defaults
 

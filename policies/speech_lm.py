@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from ..common.generation import SamplingParams
 from .frontend.tokenizer import SpeechVocab, load_tokenizer
-from .sampling import RELEASED_SAMPLING, RepetitionAwareSampling, Sampled, SamplingParams, sample
+from .sampling import RELEASED_SAMPLING, RepetitionAwareSampling, Sampled, sample
 
 logger = logging.getLogger(__name__)
 

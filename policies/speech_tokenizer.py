@@ -29,7 +29,7 @@ from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
-from vocalign.rewards.audio import load_strict
+from ..common.weights import load_strict
 
 SAMPLE_RATE = 16000
 SEGMENT_SECONDS = 30

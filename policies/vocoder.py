@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from vocalign.rewards.audio import load_torch_state
+from ..common.weights import load_torch_state
 
 
 @dataclass(frozen=True)

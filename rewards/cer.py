@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..common.audio import check_audio, to_model_rate
 from .asr import TimedTranscriber, Transcriber, build_asr
-from .audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
 from .text_norm import error_rate
 from .timed_transcript import TimedTranscript

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .audio import load_strict, read_state_dict
+from ..common.weights import load_strict, read_state_dict
 
 UPSTREAM_PREFIX = "feature_extract.model."
 # Pre-training leftovers present in some checkpoints; the verifier never uses them.

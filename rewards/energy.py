@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .audio import check_audio
+from ..common.audio import check_audio
 from .base import RewardResult, Sample
 
 

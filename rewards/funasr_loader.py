@@ -3,7 +3,7 @@
 A published FunASR folder holds ``config.yaml`` (component names and their settings), ``model.pt`` (state dict)
 and the files the config names (``tokens.json``/``tokens.txt``, ``am.mvn``). FunASR's own loader reaches for a
 hub when given a name and silently skips mismatched weights; here the components are built from the config
-through FunASR's registry and the weights are loaded strictly by :mod:`vocalign.rewards.audio`, so a wrong
+through FunASR's registry and the weights are loaded strictly by :mod:`vocalign.common.weights`, so a wrong
 or truncated checkpoint fails with the file and the key named.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .audio import load_torch_state
+from ..common.weights import load_torch_state
 
 _FILE_KEYS = {("tokenizer_conf", "token_list"), ("frontend_conf", "cmvn_file")}
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .audio import check_audio, to_model_rate
+from ..common.audio import check_audio, to_model_rate
 from .base import RewardResult, Sample
 from .hf_audio import load_audio_model
 

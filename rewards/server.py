@@ -44,7 +44,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .audio import ALLOWED_RATES, BadAudioError, check_audio
+from ..common.audio import ALLOWED_RATES, BadAudioError, check_audio
 from .base import RewardPlugin, RewardResult, Sample, plugin_requires
 from .limits import ServerLimits
 from .wire import (

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from trl.trainer.utils import selective_log_softmax
 
-from vocalign.policies.decoding import left_padded_positions
+from ..common.generation import left_padded_positions
 
 LossType = Literal["token_mean", "seq_mean", "dr_grpo"]
 # TRL's names for the same aggregations, accepted so that TRL configs carry over.

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from vocalign.policies.sampling import SamplingParams
+from ..common.generation import SamplingParams
 
 
 @dataclass

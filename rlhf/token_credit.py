@@ -20,8 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vocalign.rewards.base import Span
-
+from ..rewards.base import Span
 from .rollout import Rollouts
 
 BOUNDARY_S = 1e-6  # a span that ends exactly where a slot starts does not overlap it, float noise notwithstanding

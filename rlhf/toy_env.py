@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vocalign.policies.sampling import sample
-
+from ..policies.sampling import sample
 from .rollout import RolloutEnv, Rollouts, SamplingParams, Scorer, Scores
 from .token_credit import rollout_token_values
 

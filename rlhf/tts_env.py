@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vocalign.policies.codec import GLMTTSCodec, MelUnitCodec, SpeechCodec
-from vocalign.policies.pipeline import TTSPipeline, VoicePrompt
-from vocalign.rewards.audio import check_audio_file, read_audio
-from vocalign.rewards.base import Span
-
+from ..common.audio import check_audio_file, read_audio
+from ..policies.codec import GLMTTSCodec, MelUnitCodec, SpeechCodec
+from ..policies.pipeline import TTSPipeline, VoicePrompt
+from ..rewards.base import Span
 from .rollout import RolloutEnv, Rollouts, SamplingParams
 from .token_credit import rollout_token_values
 

@@ -2,10 +2,10 @@
 
 import pytest
 
+from vocalign.demo.build import DemoTTSConfig, load_demo_config
 from vocalign.eval.heldout import HeldoutSettings
 from vocalign.rlhf.config import GRPOConfig, apply_overrides, format_override, from_dict, load_yaml, load_yaml_list, parse_override
-from vocalign.rlhf.demo_tts import DemoTTSConfig, load_demo_config
-from vocalign.rlhf.sft import load_sft_config
+from vocalign.sft.finetune import load_sft_config
 
 from .conftest import REPO
 

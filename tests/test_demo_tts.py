@@ -6,11 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from vocalign.policies.codec import MelUnitCodec
-from vocalign.policies.mel_units import MelUnits
-from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
-from vocalign.policies.speech_lm import TTSPrompt
-from vocalign.rlhf.demo_tts import (
+from vocalign.demo.build import (
     DemoTTSConfig,
     Utterance,
     build_demo_tts,
@@ -19,6 +15,10 @@ from vocalign.rlhf.demo_tts import (
     new_speech_lm,
     sft_examples,
 )
+from vocalign.policies.codec import MelUnitCodec
+from vocalign.policies.mel_units import MelUnits
+from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
+from vocalign.policies.speech_lm import TTSPrompt
 from vocalign.rlhf.tts_env import load_prompt_rows
 
 from .conftest import REPO

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from vocalign.common.audio import write_audio
 from vocalign.launch.cli import main
 from vocalign.launch.recipe import load_recipe
 from vocalign.policies import pipeline as pipeline_module
-from vocalign.rewards.audio import write_audio
 from vocalign.rlhf.trainer import GRPOTrainer
 
 from .conftest import SHARED

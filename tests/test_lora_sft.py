@@ -11,7 +11,7 @@ import torch
 
 from vocalign.policies.checkpoints import write_tiny_checkpoint
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
-from vocalign.rlhf.sft import load_sft_config
+from vocalign.sft.finetune import load_sft_config
 
 from .conftest import REPO
 

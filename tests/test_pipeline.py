@@ -9,12 +9,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from vocalign.common.audio import to_model_rate
 from vocalign.policies.checkpoints import write_tiny_checkpoint
 from vocalign.policies.frontend.g2p import RELEASE_TABLES, PhonemeFrontend
 from vocalign.policies.frontend.text import normalize_text, split_text
 from vocalign.policies.mel import MEL_24K, MEL_32K, log_mel
 from vocalign.policies.pipeline import SynthesisSettings, TTSPipeline
-from vocalign.rewards.audio import to_model_rate
 
 from .conftest import REPO, SHARED
 

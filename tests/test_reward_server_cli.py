@@ -14,7 +14,7 @@ ROW = '{"text": %s, "language": "en", "prompt_wav": "voice.flac", "prompt_text":
 
 @pytest.fixture
 def voice(tmp_path):
-    shutil.copy(next((REPO / "policies" / "demo" / "prompts" / "voices").glob("*.flac")), tmp_path / "voice.flac")
+    shutil.copy(next((REPO / "demo" / "prompts" / "voices").glob("*.flac")), tmp_path / "voice.flac")
     return tmp_path
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+from vocalign.common.audio import to_model_rate
 from vocalign.policies.mel_units import MelUnits
 from vocalign.rewards.asr import ParaformerASR, WhisperASR
-from vocalign.rewards.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
 from vocalign.rewards.cer import CERReward, cer_to_reward
 from vocalign.rewards.funasr_loader import build_funasr
@@ -200,7 +200,7 @@ def test_pocketsphinx_restricted_to_a_vocabulary_is_a_sharp_judge_of_digit_strin
 def test_a_pocketsphinx_transcript_depends_on_its_audio_only_not_on_what_was_decoded_before():
     # Griffin-Lim speech (the demo's codec), where a decoder that carried state across utterances transcribed
     # 3 of these 40 clips differently in reverse order
-    units = MelUnits.load(REPO / "policies" / "demo" / "ckpt" / "mel_units")
+    units = MelUnits.load(REPO / "demo" / "ckpt" / "mel_units")
     rng = np.random.default_rng(0)
     voices = ["en-us+klatt", "en-us+f4", "en-us+m5", "en-us+david"]
     texts = [" ".join(rng.choice(DIGITS, 4)) for _ in range(40)]

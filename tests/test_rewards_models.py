@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vocalign.rewards.audio import to_model_rate
+from vocalign.common.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
 from vocalign.rewards.emotion import AudioClassifierEmotion, EmotionReward
 from vocalign.rewards.laughter import AudioClassifierLaughterDetector, LaughterReward, asks_for_laughter, transcribes_laughter

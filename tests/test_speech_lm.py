@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vocalign.common.generation import SamplingParams
 from vocalign.policies.checkpoints import TinySizes, write_tiny_checkpoint
-from vocalign.policies.sampling import RELEASED_SAMPLING, SamplingParams
+from vocalign.policies.sampling import RELEASED_SAMPLING
 from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
 from vocalign.rlhf.loss import completion_logps
 

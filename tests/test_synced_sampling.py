@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.utils import DistributedType
 
+from vocalign.common.audio import write_audio
 from vocalign.policies.sampling import sample
-from vocalign.rewards.audio import write_audio
 from vocalign.rlhf.rollout import SamplingParams
 from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, build_toy_model, toy_prompts
 from vocalign.rlhf.training_setup import generation_is_collective

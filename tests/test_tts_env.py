@@ -4,9 +4,9 @@ table still pairs each sample's audio with its own rewards."""
 import numpy as np
 import pytest
 
+from vocalign.common.audio import write_audio
 from vocalign.policies.checkpoints import write_tiny_checkpoint
 from vocalign.policies.pipeline import TTSPipeline
-from vocalign.rewards.audio import write_audio
 from vocalign.rewards.base import RewardResult, Sample
 from vocalign.rewards.energy import EnergyReward
 from vocalign.rewards.scorer import RewardScorer

@@ -139,7 +139,7 @@ def test_paraformer_times_each_character(tmp_path):
 
 
 def test_the_env_records_each_codecs_token_rate_and_the_decoded_audio_keeps_it(tmp_path):
-    demo = MelUnitCodec(MelUnits.load(REPO / "policies" / "demo" / "ckpt" / "mel_units"))
+    demo = MelUnitCodec(MelUnits.load(REPO / "demo" / "ckpt" / "mel_units"))
     assert token_timing(demo) == {"token_rate_hz": 25.0, "token_delay_s": 0.0}
     assert len(demo.decode([[3] * 50], [None])[0]) / demo.sample_rate == 50 / 25.0
     glm = TTSPipeline.from_pretrained(write_tiny_checkpoint(tmp_path / "ckpt"))

@@ -31,7 +31,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +43,20 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
-from vocalign.policies.codec import MelUnitCodec
-from vocalign.policies.frontend.text import normalize_text
-from vocalign.policies.frontend.tokenizer import build_word_tokenizer
-from vocalign.policies.mel_units import MelUnits, MelUnitsConfig
-from vocalign.policies.pipeline import MEL_UNITS_DIR
-from vocalign.policies.sampling import RELEASED_SAMPLING
-from vocalign.policies.speech_lm import SpeechLM, TTSPrompt
-from vocalign.rewards.audio import to_model_rate
-from vocalign.rewards.pocketsphinx_asr import PocketSphinxASR
-from vocalign.rewards.text_norm import error_rate
-
-from .config import apply_overrides, from_dict, load_yaml
-from .sft import Example, collate, sft_step, shuffled_batches
+from ..common.audio import to_model_rate
+from ..policies.codec import MelUnitCodec
+from ..policies.frontend.text import normalize_text
+from ..policies.frontend.tokenizer import build_word_tokenizer
+from ..policies.mel_units import MelUnits, MelUnitsConfig
+from ..policies.pipeline import MEL_UNITS_DIR
+from ..policies.sampling import RELEASED_SAMPLING
+from ..policies.speech_lm import SpeechLM, TTSPrompt
+from ..rewards.pocketsphinx_asr import PocketSphinxASR
+from ..rewards.text_norm import error_rate
+from ..rlhf.config import apply_overrides, from_dict, load_yaml
+from ..sft.finetune import Example, collate, sft_step, shuffled_batches
 
 logger = logging.getLogger(__name__)
-
-# The demo TTS vocalign ships (built by `vocalign make-demo-tts configs/demo_tts.yaml`), inside the package so that an
-# installed vocalign finds it.
-DEMO_DIR = Path(str(files("vocalign.policies"))) / "demo"
-DEMO_CKPT = DEMO_DIR / "ckpt"
-DEMO_PROMPTS = DEMO_DIR / "prompts"
 
 # pocketsphinx's beams as the main job sets them (configs/grpo_demo_cpu.yaml)
 DEMO_DECODER_OPTIONS = {"beam": 1e-30, "wbeam": 1e-20}

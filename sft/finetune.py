@@ -22,11 +22,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from vocalign.policies.pipeline import TTSPipeline
-from vocalign.policies.speech_lm import TTSPrompt
-from vocalign.rewards.audio import read_audio
-
-from .config import LoraSettings, apply_overrides, from_dict, load_yaml, wrap_lora
+from ..common.audio import read_audio
+from ..policies.pipeline import TTSPipeline
+from ..policies.speech_lm import TTSPrompt
+from ..rlhf.config import LoraSettings, apply_overrides, from_dict, load_yaml, wrap_lora
 
 logger = logging.getLogger(__name__)
 
