@@ -168,12 +168,16 @@ def compute_advantages(
     return advantages if everything_valid else advantages.masked_fill(~valid, 0.0)
 
 
+TOKEN_COMPOSITIONS = ("add", "redistribute")
+
+
 def token_advantages(
     advantages: torch.Tensor,
     token_values: Sequence[torch.Tensor],
     touched: Sequence[torch.Tensor],
     weights: Sequence[float],
     *,
+    composition: str = "add",
     std_tolerance: float = 1e-6,
     eps: float = 1e-4,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -186,11 +190,20 @@ def token_advantages(
     group: tokens in words the recogniser got wrong lose, tokens in words it got right gain, whatever the utterance's
     total. Normalising within the group makes the term's scale independent of the reward's units, as step 1 of the
     hierarchy does for sequence rewards. A sample with no touched token gets the sequence-level advantage only.
+
+    ``composition``: ``"add"`` adds the term as it is, so a sample whose words were mostly right also gains on
+    average; ``"redistribute"`` first subtracts each sample's own mean term over its touched tokens, so the term only
+    moves credit between the tokens of one utterance and each sample's mean advantage stays the sequence-level one.
     """
     if not token_values:
         raise ValueError("token_advantages needs at least one localised reward")
+    if composition not in TOKEN_COMPOSITIONS:
+        raise ValueError(f"token credit composition must be one of {TOKEN_COMPOSITIONS}, got {composition!r}")
     terms = [weight * localised_term(values, mask, std_tolerance=std_tolerance, eps=eps)
              for values, mask, weight in zip(token_values, touched, weights, strict=True)]
+    if composition == "redistribute":
+        terms = [(term - group_mean(term, 2, mask.bool())).masked_fill(~mask.bool(), 0.0)
+                 for term, mask in zip(terms, touched)]
     out = advantages.unsqueeze(-1).expand_as(token_values[0]).to(token_values[0].dtype).clone()
     for term in terms:
         out += term

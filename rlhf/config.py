@@ -93,6 +93,9 @@ class GRPOConfig:
     # token-level credit: rewards whose spans (where in the output they found errors) add a per-token term, z-scored
     # within the group, with this weight, to the sequence-level advantage (advantages.token_advantages); {}: off
     token_reward_weights: dict[str, float] = field(default_factory=dict)
+    # "add": the term as it is; "redistribute": centred within each sample, so it only moves credit between the
+    # tokens of one utterance (advantages.token_advantages)
+    token_credit_composition: str = "add"
     normalization: str = "hierarchical"
     scale_rewards: str = "group"
     std_tolerance: float = 1e-6
@@ -138,6 +141,9 @@ class GRPOConfig:
             raise ValueError("min_completion_length exceeds max_completion_length")
         if self.normalization not in ("hierarchical", "sum_then_normalize"):
             raise ValueError(f"normalization must be 'hierarchical' or 'sum_then_normalize', got {self.normalization!r}")
+        if self.token_credit_composition not in ("add", "redistribute"):
+            raise ValueError(f"token_credit_composition must be 'add' or 'redistribute', got "
+                             f"{self.token_credit_composition!r}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:

@@ -246,8 +246,9 @@ class GRPOTrainer:
             touched.append(t.bool().view(p, g, -1) & mask)
         weights = [self.config.token_reward_weights[name] for name in self.localised]
         cfg = self.config
-        per_token, terms = token_advantages(advantages, values, touched, weights, std_tolerance=cfg.std_tolerance,
-                                            eps=cfg.advantage_eps)
+        per_token, terms = token_advantages(advantages, values, touched, weights,
+                                            composition=cfg.token_credit_composition,
+                                            std_tolerance=cfg.std_tolerance, eps=cfg.advantage_eps)
         per_token = per_token.masked_fill(~rollouts.completion_mask.bool().view(p, g, -1), 0.0)
         sums = [float(rollouts.completion_mask.sum())]  # the batch's tokens, then per reward: touched, |term|
         for term, t in zip(terms, touched):

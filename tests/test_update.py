@@ -241,6 +241,18 @@ def test_token_advantages_by_hand():
     assert flat.tolist() == [[[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]]]  # nothing varies: sequence-level only
 
 
+def test_redistributed_token_credit_keeps_each_samples_mean_advantage():
+    # the same case: terms 2z = -3, 1 | 1, 1; each sample's touched mean (-1 | 1) taken out -> -2, 2 | 0, 0
+    advantages = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    values = torch.tensor([[[-1.0, 0.0, 7.0], [0.0, 0.0, 7.0]]], dtype=torch.float64)
+    touched = torch.tensor([[[True, True, False], [True, True, False]]])
+    out, terms = token_advantages(advantages, [values], [touched], [2.0], composition="redistribute", eps=0.0)
+    assert out.tolist() == [[[-1.0, 3.0, 1.0], [-1.0, -1.0, -1.0]]]
+    assert terms[0].tolist() == [[[-2.0, 2.0, 0.0], [0.0, 0.0, 0.0]]]
+    with pytest.raises(ValueError, match="composition must be one of"):
+        token_advantages(advantages, [values], [touched], [2.0], composition="multiply")
+
+
 def test_per_token_advantages_shared_by_a_sequence_give_the_sequence_level_step(tmp_path):
     rollouts = fixed_rollouts()
     advantages = torch.randn(8, generator=torch.Generator().manual_seed(3))
