@@ -1,18 +1,18 @@
 """Audio as models are fed it, from disk and from callers, checked.
 
 Reward plugins and the reward server check and resample audio here, the TTS models (``policies``) read their prompts
-here, and so do evaluation, SFT and the rollout environment. Only numpy, scipy and soundfile are imported with it, so
-a reward server whose plugin needs no torch does not load it.
+here, and so do evaluation, SFT and the rollout environment. Only numpy and soundfile are imported with it, so a
+reward server whose plugin needs no torch does not load it.
 """
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
+
+from .resample import resample
 
 MODEL_RATE = 16000  # what the reward models (ASR, speaker and emotion encoders) and the speech tokenizer take
 ALLOWED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -67,8 +67,6 @@ def check_audio(audio: np.ndarray, sample_rate: int, *, what: str = "audio", max
 
 
 def to_model_rate(audio: np.ndarray, sample_rate: int, target: int = MODEL_RATE) -> np.ndarray:
-    """Polyphase resampling to ``target`` Hz (exact rational ratio, no torchaudio needed)."""
-    if sample_rate == target:
-        return audio.astype(np.float32, copy=False)
-    ratio = Fraction(target, sample_rate)
-    return resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
+    """``audio`` at ``target`` Hz as float32, resampled as the GLM-TTS release resamples prompts (torchaudio's
+    Hann-windowed sinc, see :mod:`.resample`), so that speech tokens and features match the release's."""
+    return resample(audio, sample_rate, target)
