@@ -36,6 +36,7 @@ from ..common.generation import SamplingParams
 from ..policies.sampling import RELEASED_SAMPLING
 from ..rewards.base import RewardPlugin, Sample, score_all
 from ..rlhf.rollout import RolloutEnv
+from .html import write_eval_page
 
 if TYPE_CHECKING:
     from ..rlhf.trainer import GRPOTrainer
@@ -234,7 +235,8 @@ class HeldoutEvaluation:
 def compare(results: Mapping[str, PolicyScores], out_dir: str | Path, before: str = "sft", after: str = "grpo"
             ) -> dict[str, Any]:
     """``eval.json`` (each policy's summary, and the relative change of each metric), ``eval.md`` (the table),
-    ``eval_utterances.jsonl`` and ``eval_wavs/<policy>/<n>.wav``; returns what ``eval.json`` holds."""
+    ``eval_utterances.jsonl``, ``eval_wavs/<policy>/<n>.wav`` and ``eval.html`` (the table, the curves and the
+    saved utterances on one page); returns what ``eval.json`` holds."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {name: scores.summary() for name, scores in results.items()}
@@ -256,6 +258,7 @@ def compare(results: Mapping[str, PolicyScores], out_dir: str | Path, before: st
             write_audio(folder / f"{n}.wav", audio, rate)
     table = format_table(report, list(results))
     (out_dir / "eval.md").write_text(table + "\n")
+    write_eval_page(out_dir)  # the table, the run's curves and the saved utterances, to listen to
     logger.info("held-out evaluation (%s):\n%s", out_dir / "eval.json", table)
     return report
 
