@@ -19,10 +19,16 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache, StaticCache
 
 from ..common.generation import left_padded_positions
 
+# The forward's KV-cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns,
+# and goes in 5.40). Each decoder keeps the cache object it made: the forward fills it in place, whatever the
+# output calls it.
+CACHE_ARGUMENT = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 DECODINGS = ("auto", "dynamic", "static", "graph")
 # attention implementations that take an additive 4D mask, which the static decoder builds itself
 _MASKABLE_ATTENTION = ("sdpa", "eager")
@@ -46,17 +52,17 @@ class DynamicDecoder:
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.attention = mask.long()
         position = left_padded_positions(mask)
-        out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=position,
-                         past_key_values=DynamicCache(config=getattr(self.model, "config", None)), use_cache=True,
-                         logits_to_keep=1)
-        self.cache, self.position = out.past_key_values, position[:, -1:] + 1
+        self.cache = DynamicCache(config=getattr(self.model, "config", None))
+        out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=position, use_cache=True,
+                         logits_to_keep=1, **{CACHE_ARGUMENT: self.cache})
+        self.position = position[:, -1:] + 1
         return out.logits[:, -1, :]
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.attention = torch.cat([self.attention, torch.ones_like(self.attention[:, :1])], dim=1)
         out = self.model(input_ids=token.unsqueeze(-1), attention_mask=self.attention, position_ids=self.position,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache, self.position = out.past_key_values, self.position + 1
+                         use_cache=True, **{CACHE_ARGUMENT: self.cache})
+        self.position = self.position + 1
         return out.logits[:, -1, :]
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -92,8 +98,8 @@ class StaticDecoder:
         prefill_mask = torch.zeros(n, 1, self.width, length, dtype=self.dtype, device=ids.device)
         prefill_mask.masked_fill_(~seen[:, None], blocked)
         position = left_padded_positions(mask)
-        out = self.model(input_ids=ids, attention_mask=prefill_mask, position_ids=position,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=prefill_mask, position_ids=position, use_cache=True,
+                         logits_to_keep=1, **{CACHE_ARGUMENT: self.cache})
         # the buffers every step reads; updated in place so that a captured graph keeps reading them
         self.mask = torch.full((n, 1, 1, length), blocked, dtype=self.dtype, device=ids.device)
         self.mask[:, 0, 0, :self.width].masked_fill_(attend, 0.0)
@@ -104,7 +110,7 @@ class StaticDecoder:
 
     def _forward(self) -> torch.Tensor:
         return self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
-                          past_key_values=self.cache, use_cache=True).logits
+                          use_cache=True, **{CACHE_ARGUMENT: self.cache}).logits
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         if self.steps_taken >= self.max_new_tokens:

@@ -1,8 +1,11 @@
 """SIM, emotion and laughter rewards: tiny random models of the real classes, formulas, and real speech."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from transformers import Wav2Vec2FeatureExtractor
 
 from vocalign.common.audio import to_model_rate
 from vocalign.rewards.base import RewardResult, Sample
@@ -21,8 +24,6 @@ def noise(seconds=1.0, seed=0, rate=16000):
 
 
 def tiny_extractor():
-    from transformers import Wav2Vec2FeatureExtractor
-
     return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                                     return_attention_mask=True)
 
@@ -159,6 +160,41 @@ def test_audio_classifier_laughter_detector_windows_and_merges():
     assert strict.segments(noise(seconds=2.5)) == []
     with pytest.raises(ValueError, match="no 'Giggle' class"):
         AudioClassifierLaughterDetector(parts=(model, tiny_extractor()), label="Giggle")
+
+
+class LevelLaughterClassifier(torch.nn.Module):
+    """Test double for an audio classifier: P(Laughter) of a window is its mean sample value, so audio made of
+    constant blocks sets each window's probability by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(id2label={0: "Speech", 1: "Laughter"})
+
+    def forward(self, input_values, **kwargs):
+        p = input_values.mean(-1)
+        return SimpleNamespace(logits=torch.stack([torch.log1p(-p), torch.log(p)], -1))
+
+
+def level_blocks(levels, block_s=0.5, rate=16000):
+    return np.repeat(np.asarray(levels, dtype=np.float32), int(block_s * rate))
+
+
+# 0.5 s blocks at these levels: 1 s windows every 0.5 s have P(Laughter) 0.5, 0.625, 0.25, 0, 0.4375 (dyadic: exact)
+BLOCKS = [0.25, 0.75, 0.5, 0.0, 0.0, 0.875]
+
+
+@pytest.mark.parametrize("threshold, window_s, hop_s, expected", [
+    (0.6, 1.0, 0.5, [(0.5, 1.5)]),  # one window
+    (0.45, 1.0, 0.5, [(0.0, 1.5)]),  # windows at 0 and 0.5 s overlap: merged
+    (0.4, 1.0, 0.5, [(0.0, 1.5), (2.0, 3.0)]),  # the window at 2 s starts after 1.5 s: a second segment
+    (0.2, 1.0, 0.5, [(0.0, 3.0)]),  # the window at 1 s joins them; the one at 2 s starts where it ends: merged
+    (0.45, 0.5, 0.5, [(0.5, 1.5), (2.5, 3.0)]),  # half-second windows are the blocks: 0.75, 0.5 and 0.875 pass
+])
+def test_laughter_detector_segments_at_intermediate_thresholds(threshold, window_s, hop_s, expected):
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False)
+    detector = AudioClassifierLaughterDetector(parts=(LevelLaughterClassifier(), extractor), threshold=threshold,
+                                               window_s=window_s, hop_s=hop_s)
+    assert detector.segments(level_blocks(BLOCKS)) == expected
 
 
 def tiny_emotion2vec_config():

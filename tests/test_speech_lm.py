@@ -1,5 +1,6 @@
 """The speech LM on a tiny checkpoint in the published layout: loading, prompt layout, sampling bounds, log-probs."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -82,15 +83,26 @@ def test_sampled_logps_equal_a_fresh_forward(ckpt):
     torch.testing.assert_close(fresh * out.mask, out.logps, atol=1e-5, rtol=1e-4)
 
 
-def test_works_with_a_peft_adapter(ckpt):
+def test_samples_with_the_given_peft_model_not_the_wrapped_one(ckpt):
     from vocalign.rlhf.config import LoraSettings, wrap_lora
 
     lm = SpeechLM.from_pretrained(ckpt, num_codes=64)
-    adapted = wrap_lora(lm.model, LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    # peft injects its layers into the model it wraps, so the adapter goes on a copy: lm.model stays the base
+    adapted = wrap_lora(copy.deepcopy(lm.model),
+                        LoraSettings(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(2)
-    _, _, out = lm.generate([TTSPrompt("你好", "嗨", [1])], num_generations=2, model=adapted,
-                           sampling=replace(RELEASED_SAMPLING, max_new_tokens=8))
-    assert out.tokens.shape[0] == 2 and out.mask.sum() > 0
+    with torch.no_grad():  # a fresh adapter (B = 0) is the identity: give it weight so that it changes the LM
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)
+    ids, mask, out = lm.generate([TTSPrompt("你好", "嗨", [1]), TTSPrompt("hello", "a longer prompt", [3, 4])],
+                                 num_generations=2, model=adapted,
+                                 sampling=replace(RELEASED_SAMPLING, temperature=0.8, max_new_tokens=8))
+    assert out.mask.sum() > 0
+    inputs = (torch.cat([ids, out.tokens], 1), torch.cat([mask, out.mask], 1), out.tokens.shape[1], 0.8)
+    torch.testing.assert_close(completion_logps(adapted, *inputs) * out.mask, out.logps, atol=1e-5, rtol=1e-4)
+    base = completion_logps(lm.model, *inputs) * out.mask
+    assert (base - out.logps).abs().max() > 0.1  # the adapter matters: the base model's log-probs are far off
 
 
 def test_training_example_is_the_inference_layout_with_labelled_speech(ckpt):
