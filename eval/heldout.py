@@ -48,7 +48,9 @@ logger = logging.getLogger(__name__)
 class HeldoutSettings:
     """The recipe's ``eval`` section."""
 
-    data: str = "demo"  # prompt rows (JSON lines / parquet, as for training), or `demo` for the demo's held-out set
+    # prompt rows (JSON lines / parquet, as for training), or `demo` for the demo's held-out set; required unless
+    # the checkpoint is the demo's (then its held-out set), so that a real recipe never evaluates digits by default
+    data: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     limit: int | None = None  # evaluate the first `limit` rows only (quick checks)
     batch_size: int = 32  # rows sampled together; the batches are shared out between the processes

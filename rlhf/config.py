@@ -191,17 +191,29 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _key_path(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are errors."""
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are errors, and so
+    are missing ones for fields without a default. Every config section is read through here, so a typo or an
+    omission reads the same in every section. ``where`` is the section's dotted path ("": the top level)."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = [f.name for f in fields]
     unknown = [k for k in data if k not in names]
     if unknown:
         hints_text = "; ".join(
             f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
             for k in unknown)
-        raise ValueError(f"unknown key(s) in {where}: {hints_text}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        raise ValueError(f"unknown key(s) in {where or 'the top level'}: {hints_text}")
+    missing = [f.name for f in fields if f.init and data.get(f.name) is None  # `key:` with no value is YAML's null
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing required key(s) {', '.join(_key_path(where, k) for k in missing)} "
+                         f"({cls.__name__} has no default for them)")
+    kwargs = {k: _convert(v, hints[k], _key_path(where, k)) for k, v in data.items()}
     return cls(**kwargs)
 
 

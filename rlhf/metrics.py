@@ -215,14 +215,15 @@ class MetricsLog:
 
 
 def completion_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A wandb table of the rows' text and number columns, and each row's audio captioned with the same; empty
-    without rows."""
+    """A wandb table of the rows' text and number columns (every column any row has), and the audio of the rows
+    that have some (``audio`` and ``sample_rate``: a TTS environment's; a token environment's rows have none),
+    captioned with the same columns; empty without rows."""
     if not rows:
         return {}
     import wandb
 
-    columns = [k for k in rows[0] if k not in ("audio", "sample_rate")]
+    columns = list(dict.fromkeys(k for row in rows for k in row if k not in ("audio", "sample_rate")))
     table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
     clips = [wandb.Audio(row["audio"], sample_rate=row["sample_rate"],
-                         caption=" | ".join(f"{c}: {row.get(c)}" for c in columns)) for row in rows]
-    return {"completions": table, "completions/audio": clips}
+                         caption=" | ".join(f"{c}: {row.get(c)}" for c in columns)) for row in rows if "audio" in row]
+    return {"completions": table, **({"completions/audio": clips} if clips else {})}

@@ -22,7 +22,9 @@ class ResampleConfig:
     enabled: bool = True
     max_rounds: int = 3
     max_total: int | None = None  # extra generations per batch; None -> num_prompts * num_generations
-    ignore: list[str] = field(default_factory=lambda: ["sim"])
+    # rewards left out when judging flatness; GLM-TTS recipes name their speaker similarity here (``[sim]``, as the
+    # report does), a default naming a reward could not fit every environment
+    ignore: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.max_rounds < 0:

@@ -3,7 +3,7 @@
 It exists to show that the trainer learns (the tests assert the reward rises) and to benchmark a GRPO step against
 TRL on equal terms. Two rewards exercise the multi-reward machinery: ``hits`` (share of completion tokens in a target
 set, the one that matters) and ``sim`` (share of distinct tokens, a weakly weighted second reward named like the
-speaker-similarity reward so the default resampling ``ignore: [sim]`` applies to it).
+speaker-similarity reward, which ``configs/grpo_toy.yaml`` leaves out of resampling as the GLM-TTS recipes do).
 """
 
 from __future__ import annotations

@@ -138,3 +138,42 @@ def test_env_and_scorer_figures_reach_the_step_metrics(tmp_path):
     assert metrics["time/toy_stage_s"] == 0.25 and metrics["toy/score_calls"] == 1.0
     plain = make_trainer(tmp_path / "plain", max_steps=1, prompts_per_step=2, num_generations=4)
     assert not {k for k in plain.train()[0] if k.startswith("toy/") or k == "time/toy_stage_s"}
+
+
+class HitsOnlyScorer(ToyScorer):
+    """Test double: the toy's `hits` alone, as an environment whose rewards include nothing called `sim`."""
+
+    reward_names = ("hits",)
+
+    def score(self, rollouts):
+        return {"hits": super().score(rollouts).rewards["hits"]}
+
+
+def test_default_config_trains_an_environment_without_a_sim_reward(tmp_path):
+    """The trainer's defaults name no reward: resampling judges flatness on every reward unless a recipe says."""
+    toy = ToyConfig()
+    config = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, prompts_per_step=2, num_generations=4,
+                        micro_batch_size=8, max_completion_length=4, report_to="none")
+    assert config.resample.ignore == []
+    trainer = GRPOTrainer(build_toy_model(toy), ToyEnv(toy), HitsOnlyScorer(toy), toy_prompts(toy), config)
+    (metrics,) = trainer.train()
+    assert 0 <= metrics["rewards/hits/mean"] <= 1 and "rewards/sim/mean" not in metrics
+
+
+def test_completion_table_takes_rows_with_or_without_audio():
+    """A TTS environment's rows carry audio, a token environment's do not; both make a table, audio only for those
+    that have it, captioned with the row's columns."""
+    import numpy as np
+
+    from vocalign.rlhf.metrics import completion_table
+
+    tts = {"text": "one two", "reward/cer": 0.5, "audio": np.zeros(1600, dtype=np.float32), "sample_rate": 16000}
+    tokens = {"completion": "t1 t2 t0", "reward/hits": 0.75}
+    mixed = completion_table([tts, tokens])
+    assert mixed["completions"].columns == ["text", "reward/cer", "completion", "reward/hits"]
+    assert mixed["completions"].data == [["one two", 0.5, None, None], [None, None, "t1 t2 t0", 0.75]]
+    (clip,) = mixed["completions/audio"]
+    assert clip._caption == "text: one two | reward/cer: 0.5 | completion: None | reward/hits: None"
+    without_audio = completion_table([tokens])
+    assert set(without_audio) == {"completions"} and without_audio["completions"].data == [["t1 t2 t0", 0.75]]
+    assert completion_table([]) == {}
