@@ -12,8 +12,8 @@
 3. Rewards: Whisper large-v3 (CER's ASR) and WavLM-base-plus-sv (SIM) at their sizes on that batch.
 4. The update of one batch (64 rows x 650 tokens, micro-batches of 8, gradient checkpointing, vocalign's loss),
    bf16: full fine-tune with fused AdamW, and LoRA r=16 on every projection. MFU counts 6 (full) or 4 (LoRA) FLOPs
-   per weight and token (the LM head only on the kept completion logits, the embedding lookup none); the recompute
-   of checkpointing is not counted.
+   per weight-matrix entry and token (the LM head only on the kept completion logits, the embedding lookup none);
+   attention's score products and the recompute of checkpointing are not counted.
 Targets are printed beside the figures, not asserted. Without CUDA every part runs at --tiny sizes on CPU.
 Run: .venv/bin/python bench/rollout_gpu.py [--batches 64 128] [--new-tokens 500] [--micro-batch 8] [--tiny]
 """
@@ -24,7 +24,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -49,7 +49,27 @@ from vocalign.rlhf.loss import aggregate, clipped_surrogate, completion_logps
 PEAKS = (((" h200",), 4.8e12, 989e12), ((" h100", "pcie"), 2.0e12, 756e12), ((" h100", "hbm3"), 3.35e12, 989e12),
          ((" h100", "sxm"), 3.35e12, 989e12), ((" a100", "80gb"), 2.0e12, 312e12),
          ((" a100", "40gb"), 1.555e12, 312e12))
+GRAPHED = "graphed (vocalign, static cache + CUDA graph)"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class DecodeRun:
+    tokens: int  # generated, over all rows
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass
+class BenchFigures:
+    """What :func:`main` printed, as numbers: decode runs by batch size and peer, seconds by GRPO-step phase (None:
+    out of memory)."""
+
+    decode: dict[int, dict[str, DecodeRun]] = field(default_factory=dict)
+    phases: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,22 @@ def build_lm(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> t
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
+def kv_cache_bytes(cfg: LlamaConfig, batch: int, context: float, itemsize: int) -> float:
+    """Bytes of the K and V cache of ``batch`` rows holding ``context`` tokens each: what a decode step reads
+    besides the weights."""
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * batch * itemsize
+
+
+def update_flops(model: torch.nn.Module, rows: int, width: int, new: int, lora: bool) -> float:
+    """FLOPs of one update as the MFU counts them: 6 (full) or 4 (LoRA: no weight gradients) per weight matrix entry
+    of ``model`` (before LoRA) and token, the LM head only on the kept completion logits (``new`` + 1 per row), the
+    embedding lookup none (nor the norms' scales, which multiply elementwise)."""
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() > 1)
+    embed, head = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
+    return (4 if lora else 6) * ((matrices - embed - head) * rows * width + head * rows * (new + 1))
+
+
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -125,39 +161,37 @@ def decode_peers(model: torch.nn.Module, ids: torch.Tensor, new: int) -> dict[st
 
     peers = {"HF generate": hf, "eager (vocalign, dynamic cache)": ours("dynamic")}
     if ids.is_cuda:
-        peers["graphed (vocalign, static cache + CUDA graph)"] = ours("graph")
+        peers[GRAPHED] = ours("graph")
     return peers
 
 
-def bench_decode(s: Sizes, device: torch.device, dtype: torch.dtype, peak_bw: float | None) -> float:
-    """Returns the seconds of the rollout path a GRPO step takes (graphed on CUDA), at the first batch size."""
-    rollout_s: list[float] = []
+def bench_decode(s: Sizes, device: torch.device, dtype: torch.dtype, peak_bw: float | None
+                 ) -> dict[int, dict[str, DecodeRun]]:
+    """Each peer's timed run by batch size."""
+    runs: dict[int, dict[str, DecodeRun]] = {}
     model = build_lm(s.lm, device, dtype)
     cfg = s.lm
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
     for batch in s.batches:
         print(f"decode, batch {batch}: {s.prompt}-token prompt, {s.new_tokens} new tokens per row, top-k 25, top-p 0.8")
         ids = torch.randint(1, cfg.vocab_size, (batch, s.prompt), device=device)
-        rates = {}
+        runs[batch] = {}
         for name, peer in decode_peers(model, ids, s.new_tokens).items():
             torch.manual_seed(0)
             peer()  # warm-up (the graphed peer captures its graph here)
             torch.manual_seed(1)
             seconds, tokens = timed(peer, device)
-            rates[name] = tokens / seconds
-            if not rollout_s and name.startswith("graphed" if device.type == "cuda" else "eager"):
-                rollout_s.append(seconds)
-            print(f"  {name:47s} {rates[name]:10.1f} tokens/s  ({tokens} tokens, {seconds:.2f} s)")
+            run = runs[batch][name] = DecodeRun(tokens, seconds)
+            print(f"  {name:47s} {run.rate:10.1f} tokens/s  ({run.tokens} tokens, {run.seconds:.2f} s)")
+        rates = {name: run.rate for name, run in runs[batch].items()}
         hf, eager = rates["HF generate"], rates["eager (vocalign, dynamic cache)"]
-        graphed = rates.get("graphed (vocalign, static cache + CUDA graph)")
+        graphed = rates.get(GRAPHED)
         if graphed is None:
             print("  graphed decode: needs CUDA (skipped)")
             print(f"  ratio eager/HF = {eager / hf:.2f}x")
             continue
         print(f"  ratio graphed/HF = {graphed / hf:.2f}x (target >= 4x at batch 64), eager/HF = {eager / hf:.2f}x")
-        kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * (s.prompt + s.new_tokens / 2) \
-            * batch * model.dtype.itemsize
+        kv_bytes = kv_cache_bytes(cfg, batch, s.prompt + s.new_tokens / 2, model.dtype.itemsize)
         step_s = batch / graphed  # every step gives one token per row
         achieved = (weight_bytes + kv_bytes) / step_s
         detail = (f"[weights {weight_bytes / 1e9:.2f} GB + KV {kv_bytes / 1e9:.2f} GB per step, "
@@ -168,7 +202,7 @@ def bench_decode(s: Sizes, device: torch.device, dtype: torch.dtype, peak_bw: fl
         else:
             print(f"  graphed HBM: {achieved / 1e9:.0f} GB/s = {achieved / peak_bw:.0%} of {peak_bw / 1e9:.0f} GB/s "
                   f"(target >= 50%)  {detail}")
-    return rollout_s[0]
+    return runs
 
 
 class BenchTokenizerStandIn:
@@ -225,15 +259,14 @@ def bench_update(s: Sizes, device: torch.device, dtype: torch.dtype, lora: bool,
                  ) -> float | None:
     label = "LoRA r=16" if lora else "full fine-tune"
     model = build_lm(s.lm, device, dtype)
-    total = sum(p.numel() for p in model.parameters())
-    embed, head = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
+    vocab, new, width = s.lm.vocab_size, s.new_tokens, s.prompt + s.new_tokens
+    flops = update_flops(model, s.rows, width, new, lora)
     if lora:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
     model.activation_checkpointing_enable()  # after LoRA, as rlhf.training_setup orders them
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
                                   fused=device.type == "cuda")
-    vocab, new, width = s.lm.vocab_size, s.new_tokens, s.prompt + s.new_tokens
     ids = torch.randint(1, vocab, (s.rows, width), device=device)
     attention = torch.ones_like(ids)
     mask = torch.ones(s.rows, new, device=device)
@@ -257,14 +290,13 @@ def bench_update(s: Sizes, device: torch.device, dtype: torch.dtype, lora: bool,
         name = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
         print(f"  {label}: out of memory at micro-batch {s.micro_batch} on {name}")
         return None
-    flops = (6 if not lora else 4) * ((total - embed - head) * s.rows * width + head * s.rows * (new + 1))
     mfu = f"MFU {flops / seconds / peak_flops:.0%} of {peak_flops / 1e12:.0f} TFLOP/s (target >= 35%)" \
         if peak_flops else "peak bf16 FLOP/s unknown (pass --peak-flops)"
     print(f"  {label:15s} {seconds:7.2f} s/update, {flops / seconds / 1e12:8.3f} TFLOP/s, {mfu}")
     return seconds
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> BenchFigures:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", help="decode batch sizes (default 64 128; --tiny: 4)")
     parser.add_argument("--new-tokens", type=int, help="new tokens per row (default 500; --tiny: 8)")
@@ -290,9 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(f"device: {name}; LM: Llama hidden {s.lm.hidden_size}, {s.lm.num_hidden_layers} layers, "
           f"vocab {s.lm.vocab_size}, {dtype}, random weights")
-    phases: dict[str, float | None] = {}
+    figures = BenchFigures()
+    phases = figures.phases
     if "decode" not in args.skip:
-        phases["rollout"] = bench_decode(s, device, dtype, peak_bw)
+        figures.decode = bench_decode(s, device, dtype, peak_bw)
+        # the rollout path a GRPO step takes (graphed on CUDA), at the first batch size
+        first = figures.decode[s.batches[0]]
+        phases["rollout"] = first[GRAPHED if GRAPHED in first else "eager (vocalign, dynamic cache)"].seconds
     if "audio" not in args.skip:
         phases["token-to-audio"] = bench_token_to_audio(s, device)
     if "rewards" not in args.skip:
@@ -306,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
     print("one GRPO step, by phase (rollout at the first batch size): " + ", ".join(
         f"{name} {'out of memory' if sec is None else f'{sec:.2f} s'}" for name, sec in phases.items()))
+    return figures
 
 
 if __name__ == "__main__":
