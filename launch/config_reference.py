@@ -26,7 +26,9 @@ from ..demo.build import DemoTTSConfig
 from ..eval.heldout import HeldoutSettings
 from ..rewards.limits import ServerLimits
 from ..rlhf.config import GRPOConfig
+from ..rlhf.toy_env import ToyConfig
 from ..sft.finetune import SFTConfig
+from .recipe import GLMTTSSettings
 
 PAGE = "docs/reference/configuration.md"
 REGENERATE = f"python -m vocalign.launch.config_reference > {PAGE}"
@@ -44,6 +46,9 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section("Trainer", "trainer", GRPOConfig, "the `trainer:` section of a training recipe (`vocalign train`)"),
     Section("Held-out evaluation", "eval", HeldoutSettings, "the `eval:` section of a training recipe"),
+    Section("GLM-TTS environment", "env", GLMTTSSettings,
+            "the `env:` section of a training recipe with `name: glmtts` (beside `name`)"),
+    Section("Toy environment", "env", ToyConfig, "the `env:` section of a training recipe with `name: toy` (beside `name`)"),
     Section("Demo TTS builder", "", DemoTTSConfig, "a `vocalign make-demo-tts` file, such as `configs/demo_tts.yaml`"),
     Section("LoRA voice SFT", "", SFTConfig, "a `vocalign sft` file, such as `configs/lora_voice.yaml`"),
     Section("Reward server limits", "", ServerLimits,

@@ -125,7 +125,7 @@ class GLMTTSSettings:
     # flow-matching steps per decoded utterance (null: 10); refused for a checkpoint with the demo's mel-unit codec,
     # which has no flow model and would ignore it
     flow_steps: int | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the checkpoint's own tokenizer code (the released GLM-TTS tokenizer has some)
     # 24000 (HiFT) or 32000 (Vocos2D); null: as the checkpoint's files allow (rewards get the audio at that rate and
     # resample it themselves)
     sample_rate: int | None = None

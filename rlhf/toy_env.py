@@ -21,14 +21,16 @@ from .token_credit import rollout_token_values
 
 @dataclass
 class ToyConfig:
-    vocab_size: int = 16
+    """The ``env`` section of ``name: toy``: the model's size and the prompts, all seeded."""
+
+    vocab_size: int = 16  # token 0 is the stop (and padding) token
     hidden_size: int = 32
     num_layers: int = 2
     num_heads: int = 4
-    prompt_length: int = 4
+    prompt_length: int = 4  # tokens per prompt
     num_prompts: int = 64
     target_tokens: tuple[int, ...] = (1, 2, 3)  # the tokens `hits` rewards
-    seed: int = 0
+    seed: int = 0  # the model's random weights and (with seed + 1) the prompts
 
     @property
     def stop_token_id(self) -> int:
