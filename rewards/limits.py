@@ -46,6 +46,9 @@ class ServerLimits:
                                          "it (503, 408); a stalled upload cannot hold a connection")
     header_timeout_s: float = _limit(10.0, "longest a connection stays open without a complete request (half-sent "
                                            "headers, an idle keep-alive), so connections cannot pile up")
+    max_connections: int = _limit(
+        512, "connections open at once, lowered to fit the open-file limit (ulimit -n); at the cap, the one open "
+             "longest without a request in progress makes room for a newcomer")
     upload_idle_s: float = _limit(5.0, "longest pause in an upload once its bytes are reserved (408): a client that "
                                        "sends a little and stops holds room in max_inflight_mb this long at most")
 

@@ -18,14 +18,16 @@ time the queue takes to drain, so a client waits or tries another server instead
 What a client can claim is bounded (see :class:`~.limits.ServerLimits`): body size (413 before the body is read),
 bytes held across requests (taken as a body starts to arrive; a request waits for room, so memory stays flat),
 queued samples (503), upload time and pauses (408), time without a complete request (the connection is closed),
-samples per request and string fields (400). Framing errors are logged in one line, accept errors once per 10 s.
+samples per request and string fields (400), connections (``max_connections``, lowered below the open-file limit; at
+the cap an idle connection makes room for a new one, see :mod:`.connections`). Framing errors are logged in one line,
+accept errors and connections closed at the cap once per 10 s.
 
-Every sample gets its own outcome (:class:`~.base.RewardResult`): ``ok``; ``invalid`` when the utterance itself is at
-fault (empty, not finite, longer than ``max_audio_seconds``: valued at the plugin's minimum); ``failed`` when it
-cannot be scored for another reason (a prompt or text over the limits, a sample rate the server does not take, the
-plugin raising on it, its deadline passing). When a model call fails, each request in it is scored apart, then each
-sample, so a failure stays with the samples that cause it. The server binds to 127.0.0.1 unless told otherwise and
-never unpickles anything.
+Every sample gets its own outcome (:class:`~.base.RewardResult`), as in-process scoring gives it: ``ok``; ``invalid``
+when the utterance itself is at fault (empty, longer than ``max_audio_seconds``: valued at the plugin's minimum);
+``failed`` when it cannot be scored for another reason (NaN audio, a prompt or text over the limits, a sample rate
+the server does not take, the plugin raising on it, its deadline passing). When a model call fails, each request in
+it is scored apart, then each sample, so a failure stays with the samples that cause it. The server binds to
+127.0.0.1 unless told otherwise and never unpickles anything.
 
 Endpoints: ``POST /score`` (JSON or msgpack, see :mod:`wire`), ``GET /health``, ``GET /info``.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -45,7 +48,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..common.audio import ALLOWED_RATES, BadAudioError, check_audio
-from .base import RewardPlugin, RewardResult, Sample, plugin_requires
+from .base import INVALID, RewardPlugin, RewardResult, Sample, plugin_requires, screen
+from .connections import ACCEPT_BACKLOG, AcceptErrorLog, ConnectionCap, connection_cap
 from .limits import ServerLimits
 from .wire import (
     JSON,
@@ -369,16 +373,22 @@ class RewardServer:
         return self._reply(request, {"results": results_to_wire(results)})
 
     def _refusal(self, index: int, sample: Sample) -> RewardResult | None:
-        """The result of a sample that is not to reach the model (None when it is): ``invalid`` when the utterance
-        is at fault, ``failed`` when what came with it is (its rate, its prompt, its text)."""
+        """The result of a sample that is not to reach the model (None when it is). First what in-process scoring
+        says of it (:func:`~.base.screen`: empty or too long is the policy's fault, ``invalid``; NaN audio the
+        synthesis pipeline's, ``failed``), so a sample gets the same status wherever it is scored; then ``invalid``
+        when longer than this server takes, ``failed`` when what came with it is at fault (its rate, prompt, text)."""
         where = f"sample {index}"
+        if sample.sample_rate not in ALLOWED_RATES:  # before screen(), which divides by it
+            return RewardResult.failed(f"{where} audio has sample rate {sample.sample_rate}; expected one of "
+                                       f"{ALLOWED_RATES}")
+        early = screen(sample)
+        if early is not None:
+            return RewardResult.invalid(self.plugin, early.reason) if early.status == INVALID else early
         try:
             check_audio(sample.audio, sample.sample_rate, what=f"{where} audio",
                         max_seconds=self.limits.max_audio_seconds)
         except BadAudioError as err:
-            if sample.sample_rate in ALLOWED_RATES:
-                return RewardResult.invalid(self.plugin, str(err))
-            return RewardResult.failed(str(err))
+            return RewardResult.invalid(self.plugin, str(err))
         if sample.prompt_audio is not None:
             try:
                 check_audio(sample.prompt_audio, sample.prompt_sample_rate or 0, what=f"{where} prompt_audio",
@@ -433,40 +443,35 @@ class _OneLineFramingErrors(logging.Filter):
         return True
 
 
-class _AcceptErrorLog:
-    """The event loop's exception handler: an accept error (out of file descriptors, a flood of connections) is
-    logged in one line, at most once per ``every_s``, with the count since; the loop retries the accept by itself.
-    Anything else goes to the default handler."""
-
-    def __init__(self, every_s: float = 10.0) -> None:
-        self.every_s, self.last, self.missed = every_s, -math.inf, 0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if "accept" not in context.get("message", ""):
-            loop.default_exception_handler(context)
-            return
-        if loop.time() - self.last < self.every_s:
-            self.missed += 1
-            return
-        logger.error("cannot accept connections: %s (%d more such errors in the last %g s)",
-                     context.get("exception") or context["message"], self.missed, self.every_s)
-        self.last, self.missed = loop.time(), 0
-
-
 def serve(plugin: RewardPlugin, host: str = "127.0.0.1", port: int = 8100, limits: ServerLimits | None = None,
           version: str = "") -> None:
+    """Serve ``plugin`` until SIGTERM or SIGINT, then let the requests in progress finish (60 s at most)."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("reward server %s listens on %s: every host that can reach it may send work",
                        plugin.name, host)
-    server = RewardServer(plugin, limits, version)
-    app = server.app()
-
-    async def quiet_accept_errors(app: web.Application) -> None:
-        asyncio.get_running_loop().set_exception_handler(_AcceptErrorLog())
-
-    app.on_startup.append(quiet_accept_errors)
     logging.getLogger("aiohttp.server").addFilter(_OneLineFramingErrors())
+    asyncio.run(_serve_until_stopped(RewardServer(plugin, limits, version), host, port))
+
+
+async def _serve_until_stopped(server: RewardServer, host: str, port: int) -> None:
+    """aiohttp's ``run_app``, with connections made through a :class:`~.connections.ConnectionCap` (``run_app`` has
+    no hook for that)."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLog())
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    cap = ConnectionCap(connection_cap(server.limits.max_connections))
+    app = server.app()
+    app.middlewares.append(cap.track_requests)
     # a connection without a complete request (half-sent headers, an idle keep-alive) is closed after
     # header_timeout_s, so a flood of them cannot hold the server's file descriptors
-    web.run_app(app, host=host, port=port, keepalive_timeout=server.limits.header_timeout_s,
-                print=lambda _: logger.info("serving reward %s on http://%s:%d", plugin.name, host, port))
+    runner = web.AppRunner(app, keepalive_timeout=server.limits.header_timeout_s)
+    await runner.setup()
+    try:
+        listener = await loop.create_server(cap.protocol_factory(runner.server), host, port, backlog=ACCEPT_BACKLOG)
+        logger.info("serving reward %s on http://%s:%d", server.plugin.name, host, port)
+        await stop.wait()
+        listener.close()  # no new connections; runner.cleanup lets the requests in progress finish
+    finally:
+        await runner.cleanup()

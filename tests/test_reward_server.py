@@ -250,10 +250,11 @@ def test_limits_and_malformed_requests_get_4xx_with_reasons(servers):
     bad = [sample(0.1, 100), Sample(np.array([np.nan] * 100, np.float32), 16000, "", "en"),
            Sample(np.zeros(0, np.float32), 16000, "", "en"), Sample(np.zeros(100, np.float32), 12345, "", "en")]
     results = client.score(bad)
-    # the policy's utterance at fault: invalid, at the reward's minimum; a rate the server does not take: failed
-    assert [r.status for r in results] == ["ok", "invalid", "invalid", "failed"]
-    assert [r.value for r in results[1:3]] == [0.0, 0.0]
-    assert "sample 1 audio contains NaN" in results[1].reason and "sample 2 audio is empty" in results[2].reason
+    # empty audio is the policy's fault: invalid, at the reward's minimum; NaN audio (the synthesis pipeline's)
+    # and a rate the server does not take: failed, as in-process scoring says (rewards.base.screen)
+    assert [r.status for r in results] == ["ok", "failed", "invalid", "failed"]
+    assert np.isnan(results[1].value) and results[2].value == 0.0
+    assert "NaN or inf" in results[1].reason and "empty audio" in results[2].reason
     assert "sample 3 audio has sample rate 12345" in results[3].reason
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from vocalign.rewards.base import RewardResult, Sample
+from vocalign.rewards.base import RewardResult, Sample, min_value, screen
 from vocalign.rewards.client import RewardClient, RewardRequestError, RewardServerError
 from vocalign.rewards.energy import EnergyReward
 from vocalign.rewards.limits import ServerLimits
 from vocalign.rewards.scorer import build_plugin
-from vocalign.rewards.server import RewardServer, _AcceptErrorLog
+from vocalign.rewards.server import RewardServer
 from vocalign.rewards.wire import JSON, encode, request_payload
 
 
@@ -438,17 +438,15 @@ def test_idle_uploads_do_not_hold_the_byte_budget(local_server, clients):
         sock.close()
 
 
-def test_accept_errors_are_logged_once_per_interval_in_one_line(caplog):
-    loop = asyncio.new_event_loop()
-    try:
-        handler = _AcceptErrorLog(every_s=60)
-        for _ in range(1000):  # what a flood under `ulimit -n` makes the loop report, each time it retries
-            handler(loop, {"message": "socket.accept() out of system resource",
-                           "exception": OSError(24, "Too many open files")})
-    finally:
-        loop.close()
-    records = [r for r in caplog.records if r.name == "vocalign.rewards.server"]
-    assert len(records) == 1 and not records[0].exc_info
-    assert records[0].getMessage() == ("cannot accept connections: [Errno 24] Too many open files (0 more such "
-                                       "errors in the last 60 s)")
-    assert handler.missed == 999
+def test_a_server_gives_a_sample_the_status_in_process_scoring_gives_it(local_server, clients):
+    """NaN audio is the synthesis pipeline's fault (failed, masked), empty or over-long audio the policy's (invalid,
+    at the minimum): the same verdict from a server as from rewards.base.screen, so training treats them alike."""
+    _, url = local_server(EnergyReward())
+    samples = [sample(0.1), Sample(np.full(1600, np.nan, np.float32), 16000, "", "en"),
+               Sample(np.array([0.1, np.inf], np.float32), 16000, "", "en"), Sample(np.zeros(0, np.float32), 16000, "", "en"),
+               Sample(np.zeros(8000 * 61, np.float32), 8000, "", "en")]
+    results = clients([url], retries=0).score(samples)
+    assert [r.status for r in results] == ["ok", "failed", "failed", "invalid", "invalid"]
+    assert [(r.status, r.reason) for r in results[1:]] == [(v.status, v.reason) for v in map(screen, samples[1:])]
+    assert np.isnan(results[1].value) and np.isnan(results[2].value)
+    assert [r.value for r in results[3:]] == [min_value(EnergyReward())] * 2
