@@ -15,6 +15,7 @@ picks it, so an environment outside vocalign runs with ``vocalign train`` unchan
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from collections.abc import Callable, Sequence
@@ -71,6 +72,11 @@ class Environment:
     settings: type[Any]
     build: Callable[[Any, Recipe], Run]
 
+    def __post_init__(self) -> None:
+        if not dataclasses.is_dataclass(self.settings) or not isinstance(self.settings, type):
+            raise TypeError(f"Environment settings must be a dataclass (read with from_dict, as every config section "
+                            f"is), got {self.settings!r}")
+
 
 def available_environments() -> dict[str, EntryPoint]:
     """Name -> entry point of every environment the installed packages register."""
@@ -81,6 +87,8 @@ def available_environments() -> dict[str, EntryPoint]:
 
 
 def find_environment(name: str) -> Environment:
+    """The environment registered as ``name``; only that one is imported, so another package's broken or heavy
+    environment costs nothing to a recipe that does not name it."""
     known = available_environments()
     if name not in known:
         close = difflib.get_close_matches(str(name), known, n=1)

@@ -11,7 +11,7 @@ import pytest
 from vocalign.demo import DEMO_PROMPTS
 from vocalign.eval.heldout import HeldoutSettings
 from vocalign.launch.cli import main
-from vocalign.launch.recipe import GLMTTSSettings, available_environments, heldout_rows_path, load_recipe, read_recipe
+from vocalign.launch.recipe import Environment, GLMTTSSettings, available_environments, heldout_rows_path, load_recipe, read_recipe
 
 OUT_OF_TREE_MODULE = '''
 from dataclasses import dataclass
@@ -98,6 +98,8 @@ def test_environment_errors_name_the_fix(tmp_path, out_of_tree_package, caplog):
     with pytest.raises(ValueError, match=r"'not_an_environment' \(favourite_env:build\) is a function, not a "
                                          r"vocalign.launch.recipe.Environment"):
         read_recipe(write_recipe(tmp_path, {"env": {"name": "not_an_environment"}}))
+    with pytest.raises(TypeError, match="Environment settings must be a dataclass"):
+        Environment(settings=dict, build=lambda settings, recipe: None)
     with pytest.raises(ValueError, match=r"missing required key\(s\) env.favourite_token \(FavouriteSettings"):
         read_recipe(write_recipe(tmp_path, {"env": {"name": "favourite"}}))
     # from the command line: one line, exit code 2
