@@ -6,8 +6,10 @@ seeds, so that a gain can be told from noise. It also guards against the usual r
 or stretching silence, to please the recogniser) by reporting the median audio duration per text character.
 
 Utterances are synthesised by the run's own rollout environment (one sample per row, batched) and scored by the
-run's own reward plugins: ``error_rate`` is the ``cer`` plugin's per-utterance CER/WER (``info["cer"]``), ``sim``
-the ``sim`` plugin's cosine (``info["cosine"]``); every plugin's reward mean is reported too.
+run's own reward plugins, found by the roles they declare (:func:`~vocalign.rewards.base.plugin_roles`), not by their
+names: ``error_rate`` is the per-utterance error rate of the plugin in the ``error_rate`` role (the ``cer`` plugin's
+CER/WER, ``info["cer"]``), ``sim`` the similarity of the plugin in the ``similarity`` role (the ``sim`` plugin's
+cosine, ``info["cosine"]``); every plugin's reward mean is reported too.
 
 Every process scores its share of the rows and the per-row results are gathered, so that no process idles in a
 collective while another evaluates. The figures do not depend on how many processes share the work: the rows are
@@ -34,7 +36,7 @@ from accelerate.utils import gather_object
 from ..common.audio import write_audio
 from ..common.generation import SamplingParams
 from ..policies.sampling import RELEASED_SAMPLING
-from ..rewards.base import RewardPlugin, Sample, score_all
+from ..rewards.base import RewardPlugin, Sample, plugin_roles, score_all
 from ..rlhf.rollout import RolloutEnv
 from .html import write_eval_page
 
@@ -100,9 +102,26 @@ class PolicyScores:
         return out
 
 
+ROLE_COLUMNS = {"error_rate": "error_rate", "similarity": "sim"}  # each role's column (sim: as reports name it)
+HELDOUT_COLUMNS = (*ROLE_COLUMNS.values(), "seconds_per_char_median")  # the table's columns, in order
+
+
+def role_plugins(plugins: Sequence[RewardPlugin]) -> dict[str, tuple[str, str]]:
+    """Role -> (plugin name, info key) of the plugins that declare one; two plugins in one role are an error, since
+    a column cannot hold both."""
+    out: dict[str, tuple[str, str]] = {}
+    for plugin in plugins:
+        for role, key in plugin_roles(plugin).items():
+            if role in out:
+                raise ValueError(f"rewards {out[role][0]!r} and {plugin.name!r} both declare the role {role!r}; the "
+                                 f"held-out table has one {ROLE_COLUMNS[role]!r} column: set `roles` of one to {{}}")
+            out[role] = (plugin.name, key)
+    return out
+
+
 def _seed_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     means = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
-             if key == "error_rate" or key == "sim" or key.startswith("reward/")}
+             if key in ROLE_COLUMNS.values() or key.startswith("reward/")}
     means["seconds_per_char_median"] = float(np.median([r["seconds"] / max(len(r["text"]), 1) for r in rows]))
     return means
 
@@ -166,19 +185,25 @@ def score_policy(env: RolloutEnv, model: torch.nn.Module, rows: Sequence[Mapping
 
 def _score_rows(extras: Sequence[Mapping[str, Any]], plugins: Sequence[RewardPlugin], seed: int, start: int
                 ) -> list[dict[str, Any]]:
-    """One result row per synthesised utterance: its reward per plugin, CER/WER and transcript, SIM, duration."""
+    """One result row per synthesised utterance: its reward per plugin, the measure of each role (CER/WER with the
+    transcript, SIM), duration."""
     results = score_all(plugins, [Sample.from_mapping(e) for e in extras])
+    roles = role_plugins(plugins)
     rows = []
     for i, extra in enumerate(extras):
         row: dict[str, Any] = {"seed": seed, "index": start + i, "text": extra["text"],
                                "seconds": len(extra["audio"]) / extra["sample_rate"]}
         for name, scored in results.items():
             row[f"reward/{name}"] = scored[i].value
-        if "cer" in results:
-            row["error_rate"] = results["cer"][i].info["cer"]
-            row["transcript"] = results["cer"][i].info.get("transcript", "")
-        if "sim" in results:
-            row["sim"] = results["sim"][i].info["cosine"]
+        for role, (name, key) in roles.items():
+            result = results[name][i]
+            if key not in result.info:
+                raise ValueError(f"reward {name!r} declares info[{key!r}] as its {role}, but its result for "
+                                 f"utterance {start + i} has none (status {result.status} {result.reason!r}, info "
+                                 f"keys {sorted(result.info)})")
+            row[ROLE_COLUMNS[role]] = result.info[key]
+            if role == "error_rate":
+                row["transcript"] = result.info.get("transcript", "")
         rows.append(row)
     return rows
 
@@ -191,6 +216,7 @@ class HeldoutEvaluation:
                  settings: HeldoutSettings, base_model_dir: str | Path) -> None:
         if not rows:
             raise ValueError("the held-out evaluation set is empty")
+        role_plugins(plugins)  # two plugins in one role fail here, not after the training run
         self.env, self.plugins, self.rows, self.settings = env, list(plugins), list(rows)[:settings.limit], settings
         self.base_model_dir = Path(base_model_dir)
 
@@ -265,6 +291,12 @@ def compare(results: Mapping[str, PolicyScores], out_dir: str | Path, before: st
     return report
 
 
+def policy_summaries(report: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The policies' summaries in what :func:`compare` wrote to ``eval.json``, by policy name, in order, whatever
+    the policies are called: the entries that count their ``utterances`` (see :meth:`PolicyScores.summary`)."""
+    return {name: entry for name, entry in report.items() if isinstance(entry, Mapping) and "utterances" in entry}
+
+
 def seed_cell(mean: float, per_seed: Sequence[float]) -> str:
     """``mean [seed 0, seed 1, ...]``: a figure beside the spread it should be read against."""
     return f"{mean:.4f} [" + ", ".join(f"{v:.4f}" for v in per_seed) + "]"
@@ -272,7 +304,7 @@ def seed_cell(mean: float, per_seed: Sequence[float]) -> str:
 
 def format_table(report: Mapping[str, Any], policies: Sequence[str]) -> str:
     """Markdown: one row per policy, each metric as its mean over seeds and, in brackets, each seed's value."""
-    metrics = [k for k in ("error_rate", "sim", "seconds_per_char_median") if all(k in report[p] for p in policies)]
+    metrics = [k for k in HELDOUT_COLUMNS if all(k in report[p] for p in policies)]
     lines = ["| policy | " + " | ".join(f"{m} (mean [per seed])" for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for p in policies:

@@ -8,7 +8,8 @@ the spread between seeds.
 Every run is its own ``vocalign train`` process (so each has a clean accelerate state and can be killed and resumed
 on its own: a finished run is not run again). ``results.csv`` has one row per run and seed: its settings, the mean
 of each reward over the last ``summary_steps`` steps and, when the recipe has an ``eval`` section, the held-out
-metrics of the starting and the trained policy (from the run's ``eval.json``); ``results.md`` has one row per run,
+metrics of each policy it compared (from the run's ``eval.json``: the columns of the plugins' ``error_rate`` and
+``similarity`` roles, whatever the plugins and policies are called); ``results.md`` has one row per run,
 each figure as its mean over the seeds with every seed's value; a PNG overlays every run's reward curves.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..eval.heldout import seed_cell
+from ..eval.heldout import ROLE_COLUMNS, policy_summaries, seed_cell
 from ..eval.plots import plot_reward_curves, read_metrics
 from ..rlhf.config import format_override, load_yaml, parse_override
 
@@ -57,10 +58,10 @@ def summary_row(name: str, values: dict[str, Any], metrics: list[dict[str, float
     for key in ["reward/mean", *keys]:
         points = [m[key] for m in tail if key in m]
         row[key.removeprefix("rewards/").removesuffix("/mean")] = sum(points) / len(points) if points else None
-    for policy in ("sft", "grpo"):
-        for metric in ("error_rate", "sim"):
-            if heldout and metric in heldout.get(policy, {}):
-                row[f"heldout {policy} {metric}"] = heldout[policy][metric]
+    for policy, summary in policy_summaries(heldout or {}).items():
+        for metric in ROLE_COLUMNS.values():
+            if metric in summary:
+                row[f"heldout {policy} {metric}"] = summary[metric]
     return row
 
 

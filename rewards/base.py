@@ -42,11 +42,84 @@ class Sample:
     prompt_audio: np.ndarray | None = None  # the voice prompt, for speaker similarity
     prompt_sample_rate: int | None = None
     emotion: str | None = None  # intended emotion label, if any
+    # per-utterance values beyond the above (a target pitch, a speaker id): the prompt row's other columns; each
+    # plugin gets those it declares in ``sample_fields`` (see :func:`plugin_sample_fields`)
+    fields: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_mapping(cls, fields: Mapping[str, Any]) -> Sample:
+    def from_mapping(cls, values: Mapping[str, Any]) -> Sample:
         """A sample from a mapping that may hold more than a sample's fields (a rollout's per-sample extras)."""
-        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+SAMPLE_FIELD_TYPES: dict[str, type] = {"str": str, "int": int, "float": float}  # what a prompt row's cell can be
+
+
+def plugin_sample_fields(plugin: Any) -> dict[str, type]:
+    """The per-utterance fields ``plugin`` needs beyond a :class:`Sample`'s own, as it declares them in
+    ``sample_fields``: ``{"target_pitch": float}`` (or the type's name, ``"float"``, as a config writes it).
+
+    A plugin names what it reads so that a prompt file's column reaches it in-process and over the wire without a
+    change to vocalign, and so that a column nobody reads, or one a plugin needs and a row lacks, is an error when
+    the prompts load rather than a silent default. Every declared field is required in every sample."""
+    declared = getattr(plugin, "sample_fields", None) or {}
+    where = f"reward {getattr(plugin, 'name', type(plugin).__name__)!r}"
+    if not isinstance(declared, Mapping):
+        raise ValueError(f"{where}: sample_fields must map field names to types, e.g. {{'target_pitch': float}}; "
+                         f"got {declared!r:.100}")
+    own = {f.name for f in dataclasses.fields(Sample)}
+    out: dict[str, type] = {}
+    for name, kind in declared.items():
+        if not isinstance(name, str) or not name.isidentifier() or name in own:
+            raise ValueError(f"{where}: sample field {name!r} must be an identifier other than a Sample's own "
+                             f"fields {sorted(own)}")
+        kind = SAMPLE_FIELD_TYPES.get(kind, kind) if isinstance(kind, str) else kind
+        if kind not in SAMPLE_FIELD_TYPES.values():
+            raise ValueError(f"{where}: sample field {name!r} has type {kind!r}; the types are "
+                             f"{sorted(SAMPLE_FIELD_TYPES)}")
+        out[name] = kind
+    return out
+
+
+def declared_sample_fields(plugins: Sequence[Any]) -> dict[str, type]:
+    """Every field some plugin of ``plugins`` declares; two plugins that declare one name with two types are an
+    error, since one prompt column cannot be both."""
+    out: dict[str, type] = {}
+    for plugin in plugins:
+        for name, kind in plugin_sample_fields(plugin).items():
+            if out.setdefault(name, kind) is not kind:
+                raise ValueError(f"sample field {name!r} is declared as {out[name].__name__} by one reward and as "
+                                 f"{kind.__name__} by {plugin.name!r}; rename one")
+    return out
+
+
+def describe_sample_fields(plugins: Sequence[Any]) -> str:
+    """``cer: none; pitch: target_pitch (float)``: what each plugin declares, for an error message."""
+    return "; ".join(f"{p.name}: " + (", ".join(f"{n} ({k.__name__})" for n, k in plugin_sample_fields(p).items())
+                                      or "none") for p in plugins)
+
+
+def check_field_value(name: str, value: Any, kind: type, where: str) -> Any:
+    """``value`` as a field of type ``kind`` (an integer is a float too), or a ``ValueError`` saying what is wrong.
+    Numbers must be finite: a NaN target would make every score NaN."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {value!r:.100}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{where}: field {name!r} must be a finite number, got {value!r}")
+    return value
+
+
+def fields_for(plugin: Any, sample: Sample, where: str) -> dict[str, Any]:
+    """The fields of ``sample`` that ``plugin`` declares, checked; a declared field the sample lacks is an error.
+    Fields it does not declare are not passed, in-process as over the wire."""
+    declared = plugin_sample_fields(plugin)
+    missing = [name for name in declared if sample.fields.get(name) is None]
+    if missing:
+        raise ValueError(f"{where}: reward {plugin.name!r} needs field(s) {missing}, which the sample does not have "
+                         f"(it has {sorted(sample.fields)}); add them as columns of the prompt file")
+    return {name: check_field_value(name, sample.fields[name], kind, where) for name, kind in declared.items()}
 
 
 OK, INVALID, FAILED = "ok", "invalid", "failed"
@@ -124,7 +197,9 @@ class RewardResult:
 @runtime_checkable
 class RewardPlugin(Protocol):
     """``name`` and ``score``; optionally ``min_value`` (the lowest value ``score`` gives, what an invalid sample
-    earns; 0.0 when not declared) and ``requires`` (see :func:`score_all`)."""
+    earns; 0.0 when not declared), ``requires`` (see :func:`score_all`), ``sample_fields`` (the per-utterance
+    fields it reads, see :func:`plugin_sample_fields`) and ``roles`` (which info keys the evaluation tables read,
+    see :func:`plugin_roles`)."""
 
     name: str
 
@@ -134,6 +209,28 @@ class RewardPlugin(Protocol):
 def min_value(plugin: RewardPlugin) -> float:
     """The value an invalid sample earns from ``plugin``: its declared ``min_value``, else 0.0."""
     return float(getattr(plugin, "min_value", 0.0))
+
+
+ROLES: dict[str, str] = {  # what an evaluation table reads from a plugin's info, whatever the plugin is called
+    "error_rate": "the recogniser's error rate (CER or WER) of the utterance, lower is better",
+    "similarity": "the speaker similarity of the utterance to its voice prompt (a cosine), higher is better",
+}
+
+
+def plugin_roles(plugin: Any) -> dict[str, str]:
+    """Which of ``plugin``'s ``info`` keys plays which role of :data:`ROLES`, as it declares them in ``roles``:
+    ``{"error_rate": "cer"}`` says that ``info["cer"]`` is an error rate. The held-out and sweep tables find their
+    metrics this way, so that a recogniser or speaker encoder under another name fills the same columns, and a
+    column never holds a reward value in place of the measure it names."""
+    declared = getattr(plugin, "roles", None) or {}
+    where = f"reward {getattr(plugin, 'name', type(plugin).__name__)!r}"
+    if not isinstance(declared, Mapping) or not all(isinstance(k, str) for k in declared.values()):
+        raise ValueError(f"{where}: roles must map a role to an info key, e.g. {{'error_rate': 'cer'}}; "
+                         f"got {declared!r:.100}")
+    unknown = sorted(set(declared) - set(ROLES))
+    if unknown:
+        raise ValueError(f"{where}: unknown role(s) {unknown}; the roles are {sorted(ROLES)}")
+    return dict(declared)
 
 
 _BUILTINS: dict[str, str] = {
@@ -167,6 +264,13 @@ def available_rewards() -> dict[str, str]:
     return found
 
 
+def registered_plugin(name: str) -> Callable[..., RewardPlugin] | None:
+    """The class (or factory) registered as reward ``name``, built-in or entry point, not instantiated: what a
+    remote reward of that name reads its declarations from; None when no plugin is registered under ``name``."""
+    path = available_rewards().get(name)
+    return None if path is None else _import_target(path)
+
+
 def build_reward(name: str, target: str | None = None, **settings: Any) -> RewardPlugin:
     """Instantiate reward ``name`` from a built-in, an entry point, or an explicit ``target`` dotted path."""
     known = available_rewards()
@@ -181,6 +285,8 @@ def build_reward(name: str, target: str | None = None, **settings: Any) -> Rewar
         plugin.name = name  # the config's name is what the trainer and the logs use
     if not isinstance(plugin, RewardPlugin):
         raise TypeError(f"{path} built a {type(plugin).__name__}, which has no score(samples) method")
+    plugin_sample_fields(plugin)  # a malformed declaration fails when the recipe loads, not at the first score
+    plugin_roles(plugin)
     return plugin
 
 
@@ -286,7 +392,7 @@ def _score_one(plugin: RewardPlugin, samples: Sequence[Sample], verdicts: Sequen
             results[i] = RewardResult.failed(f"{', '.join(failed)} could not score it")
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
-        subset = [samples[i] for i in todo]
+        subset = [_own_fields(plugin, samples[i], f"sample {i}") for i in todo]
         if needed:
             out = plugin.score(subset, upstream={n: [r[i] for i in todo] for n, r in needed.items()})  # type: ignore[call-arg]
         else:
@@ -302,3 +408,10 @@ def _score_one(plugin: RewardPlugin, samples: Sequence[Sample], verdicts: Sequen
                 result = RewardResult.failed(f"invalid spans: {err}")
             results[i] = result
     return results  # type: ignore[return-value]
+
+
+def _own_fields(plugin: RewardPlugin, sample: Sample, where: str) -> Sample:
+    """``sample`` as ``plugin`` gets it: with the fields it declares and no others, as a server would."""
+    if not sample.fields and not plugin_sample_fields(plugin):
+        return sample
+    return dataclasses.replace(sample, fields=fields_for(plugin, sample, where))

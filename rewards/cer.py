@@ -32,6 +32,7 @@ def cer_to_reward(cer: float, mapping: str = "exp", scale: float = 2.5) -> float
 
 class CERReward:
     name = "cer"
+    roles = {"error_rate": "cer"}  # info["cer"] is the recogniser's CER/WER, which evaluation tables report
 
     def __init__(self, asr: Mapping[str, Any] | None = None, mapping: str = "exp", scale: float = 2.5,
                  transcribers: Mapping[str, Transcriber] | None = None, spans: bool = True) -> None:

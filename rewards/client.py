@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from .base import RewardResult, Sample
+from .base import RewardResult, Sample, plugin_roles, plugin_sample_fields, registered_plugin
 from .wire import (
     ENCODINGS,
     JSON,
@@ -327,14 +327,22 @@ class RemoteReward:
     """A reward plugin whose model runs behind one or more reward servers; same interface as in-process.
 
     ``min_value`` is what the reward gives an ``invalid`` sample (the served plugin's minimum; 0.0 unless the
-    config says otherwise). Its settings are checked when the recipe loads, before any server is asked."""
+    config says otherwise). ``sample_fields`` (sent with each sample, see :func:`~.base.plugin_sample_fields`) and
+    ``roles`` (read by the evaluation tables, see :func:`~.base.plugin_roles`) are those the config gives, else those
+    the plugin registered under ``name`` declares, so a served ``cer`` fills the error-rate column as an in-process
+    one does. Its settings are checked when the recipe loads, before any server is asked."""
 
     def __init__(self, name: str, urls: Sequence[str], requires: Sequence[str] = (), min_value: float = 0.0,
+                 sample_fields: Mapping[str, Any] | None = None, roles: Mapping[str, str] | None = None,
                  **client_settings: Any) -> None:
         validate_remote_settings(name, urls, client_settings)
         if not isinstance(min_value, (int, float)) or isinstance(min_value, bool) or not math.isfinite(min_value):
             raise ValueError(f"remote reward {name!r}: min_value must be a finite number, got {min_value!r}")
         self.name, self.requires, self.min_value = name, tuple(requires), float(min_value)
+        served = registered_plugin(name) if sample_fields is None or roles is None else None
+        self.sample_fields = getattr(served, "sample_fields", {}) if sample_fields is None else sample_fields
+        self.roles = getattr(served, "roles", {}) if roles is None else roles
+        self.sample_fields, self.roles = plugin_sample_fields(self), plugin_roles(self)  # checked as for a plugin
         self.client = RewardClient(urls, **client_settings)
 
     def score(self, samples: Sequence[Sample],
@@ -358,10 +366,10 @@ def validate_remote_settings(name: str, urls: Any, settings: Mapping[str, Any]) 
                 if p.kind is p.KEYWORD_ONLY}
     for key, value in settings.items():
         if key not in accepted:
-            close = difflib.get_close_matches(key, [*accepted, "requires", "min_value"], n=1)
+            known = [*accepted, "requires", "min_value", "sample_fields", "roles"]
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where} has no setting {key!r}{hint} Its settings: "
-                             f"{[*accepted, 'requires', 'min_value']}")
+            raise ValueError(f"{where} has no setting {key!r}{hint} Its settings: {known}")
         kind = (int, float) if isinstance(accepted[key], float) else type(accepted[key])
         if not isinstance(value, kind) or isinstance(value, bool):
             what = {int: "a whole number", str: "a string"}.get(type(accepted[key]), "a number")

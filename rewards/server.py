@@ -48,7 +48,17 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..common.audio import ALLOWED_RATES, BadAudioError, check_audio
-from .base import INVALID, RewardPlugin, RewardResult, Sample, plugin_requires, screen
+from .base import (
+    INVALID,
+    RewardPlugin,
+    RewardResult,
+    Sample,
+    fields_for,
+    plugin_requires,
+    plugin_roles,
+    plugin_sample_fields,
+    screen,
+)
 from .connections import ACCEPT_BACKLOG, AcceptErrorLog, ConnectionCap, connection_cap
 from .limits import ServerLimits
 from .wire import (
@@ -130,6 +140,7 @@ class RewardServer:
     def __init__(self, plugin: RewardPlugin, limits: ServerLimits | None = None, version: str = "") -> None:
         self.plugin, self.limits, self.version = plugin, limits or ServerLimits(), version
         self.requires = plugin_requires(plugin)
+        self.sample_fields = plugin_sample_fields(plugin)
         self.batch_sizes: Counter[int] = Counter()  # size -> model calls; at most max_batch keys
         self.requests = 0
         self.expired_samples = 0  # samples not started because their request's deadline had passed
@@ -333,7 +344,7 @@ class RewardServer:
             if len(raw) > self.limits.max_samples_per_request:
                 raise _Refused(413, f"{len(raw)} samples in one request; the limit is "
                                     f"{self.limits.max_samples_per_request}")
-            samples = [sample_from_wire(item, i) for i, item in enumerate(raw)]
+            samples = [self._declared_fields(sample_from_wire(item, i), i) for i, item in enumerate(raw)]
             upstream = upstream_from_wire(payload.get("upstream"), len(samples))
             deadline_s = payload.get("deadline_s", math.inf)
             if not isinstance(deadline_s, (int, float)) or isinstance(deadline_s, bool) or not deadline_s > 0:
@@ -360,6 +371,21 @@ class RewardServer:
         else:
             job.finish_if_done()
         return job
+
+    def _declared_fields(self, sample: Sample, index: int) -> Sample:
+        """``sample`` with the fields the plugin declares, checked; a field it does not declare is refused, naming
+        the fields it does (a client sends only those, so a stray one is a mistake, such as a misspelt column)."""
+        where = f"sample {index}"
+        unknown = sorted(set(sample.fields) - set(self.sample_fields))
+        if unknown:
+            declared = ", ".join(f"{n} ({k.__name__})" for n, k in self.sample_fields.items()) or "none"
+            raise WireError(f"{where}: field(s) {unknown} are not declared by reward {self.plugin.name!r}, which "
+                            f"declares: {declared}")
+        try:
+            sample.fields = fields_for(self.plugin, sample, where)
+        except ValueError as err:
+            raise WireError(str(err)) from None
+        return sample
 
     def _retry_after(self) -> dict[str, str]:
         """When to ask again: the time the queued samples take at the latest call's speed (whole seconds, >= 1)."""
@@ -408,6 +434,8 @@ class RewardServer:
         return self._reply(request, {
             "plugin": self.plugin.name, "class": type(self.plugin).__qualname__, "version": self.version,
             "requires": list(self.requires), "limits": asdict(self.limits), "requests": self.requests,
+            "sample_fields": {name: kind.__name__ for name, kind in self.sample_fields.items()},
+            "roles": plugin_roles(self.plugin),
             "batches": batches, "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "mean_batch_size": sum(k * v for k, v in self.batch_sizes.items()) / batches if batches else 0.0,
             "max_batch_size_seen": max(self.batch_sizes, default=0), "queued_samples": self._queued,

@@ -87,6 +87,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 class SpeakerSimilarityReward:
     name = "sim"
+    roles = {"similarity": "cosine"}  # info["cosine"], not the reward (1 + cos) / 2, is what tables report as SIM
 
     def __init__(self, encoder: dict[str, Any] | None = None, *, speaker_encoder: SpeakerEncoder | None = None):
         self.encoder = speaker_encoder or build_speaker_encoder(**(encoder or {"kind": "resemblyzer"}))

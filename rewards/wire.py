@@ -1,8 +1,10 @@
 """The reward server's wire format: JSON or msgpack, audio as little-endian PCM bytes, never pickle.
 
 A sample is a mapping ``{"audio": bytes, "encoding": "f32"|"s16", "sample_rate": int, "text": str,
-"language": str, "prompt_audio"?: bytes, "prompt_encoding"?, "prompt_sample_rate"?, "emotion"?}``; JSON carries the
-bytes as base64 strings. A request is ``{"samples": [...], "upstream"?: {reward: [{"value", "info"}]}}``, a reply
+"language": str, "prompt_audio"?: bytes, "prompt_encoding"?, "prompt_sample_rate"?, "emotion"?, "fields"?: {name:
+str | int | float}}`` (``fields``: the per-utterance values the served plugin declares, see
+:func:`~.base.plugin_sample_fields`); JSON carries the bytes as base64 strings. A request is
+``{"samples": [...], "upstream"?: {reward: [{"value", "info"}]}}``, a reply
 ``{"results": [{"value", "info", "spans"?: [[start_s, end_s, value]], "status"?, "reason"?}]}`` or
 ``{"error": str, "samples"?: [{"index", "reason"}]}``. A result without ``status`` is ok; one that is ``invalid``
 (the policy's fault, valued at the reward's minimum) or ``failed`` (not scored, ``value`` null) says why in
@@ -24,13 +26,15 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .base import FAILED, INVALID, OK, STATUSES, RewardResult, Sample, Span, check_spans
+from .base import FAILED, INVALID, OK, STATUSES, RewardResult, Sample, Span, check_field_value, check_spans
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 _DTYPES = {"f32": "<f4", "s16": "<i2"}
 MAX_LABEL_CHARS = 64  # a language or emotion label; a longer one is no label and would be echoed into replies and logs
 MAX_REASON_CHARS = 500  # a result's or refusal's reason, cut so that no reason can grow a reply or a log line
+MAX_FIELDS = 32  # per-utterance fields of one sample; a plugin reads a few
+MAX_FIELD_CHARS = 1000  # a string field (a speaker id, a style description); the text has its own server limit
 ENCODINGS = tuple(_DTYPES)
 
 
@@ -73,6 +77,35 @@ def sample_to_wire(sample: Sample, encoding: str = "f32") -> dict[str, Any]:
                    prompt_sample_rate=int(sample.prompt_sample_rate or 0))
     if sample.emotion is not None:
         out["emotion"] = sample.emotion
+    if sample.fields:
+        out["fields"] = dict(sample.fields)
+    return out
+
+
+def _fields_from_wire(raw: Any, where: str) -> dict[str, Any]:
+    """A sample's ``fields``: at most :data:`MAX_FIELDS` names (labels) with strings of at most
+    :data:`MAX_FIELD_CHARS`, integers or finite numbers; whether the served plugin declares them is the server's
+    check (:func:`~.base.fields_for`)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or len(raw) > MAX_FIELDS:
+        raise WireError(f"{where}: 'fields' must be an object of at most {MAX_FIELDS} named values, got "
+                        f"{raw!r:.100}")
+    out = {}
+    for name, value in raw.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_LABEL_CHARS:
+            raise WireError(f"{where}: a field name must be a string of 1 to {MAX_LABEL_CHARS} characters, got "
+                            f"{name!r:.100}")
+        kind = str if isinstance(value, str) else int if _is_int(value) else float
+        try:
+            out[name] = check_field_value(name, value, kind, where)
+        except ValueError as err:
+            raise WireError(f"{err} (a field is a string, an integer or a finite number)") from None
+        if kind is str and len(value) > MAX_FIELD_CHARS:
+            raise WireError(f"{where}: field {name!r} has {len(value)} characters; a field has at most "
+                            f"{MAX_FIELD_CHARS}")
+        if kind is int and abs(value) >= 2**63:
+            raise WireError(f"{where}: field {name!r} is an integer beyond 64 bits")
     return out
 
 
@@ -102,7 +135,8 @@ def sample_from_wire(item: Any, index: int) -> Sample:
         prompt = _pcm_array(item["prompt_audio"], item.get("prompt_encoding", "f32"), f"{where} prompt")
     return Sample(audio=_pcm_array(item["audio"], item.get("encoding", "f32"), where),
                   sample_rate=item["sample_rate"], text=item["text"], language=item["language"],
-                  prompt_audio=prompt, prompt_sample_rate=item.get("prompt_sample_rate"), emotion=emotion)
+                  prompt_audio=prompt, prompt_sample_rate=item.get("prompt_sample_rate"), emotion=emotion,
+                  fields=_fields_from_wire(item.get("fields"), where))
 
 
 def encode(payload: Mapping[str, Any], content_type: str) -> bytes:

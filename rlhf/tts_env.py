@@ -8,7 +8,10 @@ extras hold the audio, its text, language, voice prompt and emotion, which is wh
 (:mod:`vocalign.rlhf.token_credit`).
 
 Prompt rows come from a ``datasets`` source (JSON lines or parquet) with ``text``, ``language``, ``prompt_wav``
-(a path, relative to the data file), ``prompt_text`` and an optional ``emotion``.
+(a path, relative to the data file), ``prompt_text`` and an optional ``emotion``. Any other column is a
+per-utterance field for the reward plugins that declare it (``sample_fields``, e.g. a ``target_pitch`` column for a
+plugin declaring ``{"target_pitch": float}``): it reaches them in each sample's ``fields``, in-process or through a
+reward server; a column that no plugin declares is refused when the rows load (:func:`load_prompt_rows`).
 """
 
 from __future__ import annotations
@@ -25,15 +28,46 @@ import torch
 from ..common.audio import check_audio_file, read_audio
 from ..policies.codec import GLMTTSCodec, MelUnitCodec, SpeechCodec
 from ..policies.pipeline import TTSPipeline, VoicePrompt
-from ..rewards.base import Span
+from ..rewards.base import Span, check_field_value, declared_sample_fields, describe_sample_fields
 from .rollout import RolloutEnv, Rollouts, SamplingParams
 from .token_credit import rollout_token_values
 
 REQUIRED_COLUMNS = ("text", "language", "prompt_wav", "prompt_text")
+ENV_COLUMNS = (*REQUIRED_COLUMNS, "emotion")  # what the environment reads itself; other columns are plugins' fields
+# for people reading the file (the demo's builder names each prompt's espeak-ng voice): not refused, and passed to a
+# plugin only if it declares one
+DESCRIPTIVE_COLUMNS = ("voice",)
 
 
-def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines or parquet prompt set, with ``prompt_wav`` made absolute."""
+def row_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-utterance fields of a prompt row: its columns the environment does not read, without empty cells
+    (``datasets`` fills a column missing from some rows with None; a plugin needing it then says it is missing)."""
+    return {key: value for key, value in row.items() if key not in ENV_COLUMNS and value is not None}
+
+
+def check_row_fields(rows: Sequence[Mapping[str, Any]], plugins: Sequence[Any], where: str) -> None:
+    """Raise a ``ValueError`` naming the column and what reads what, when ``rows`` have a column that neither the
+    environment nor any of ``plugins`` reads (a misspelt field, or a plugin missing from the recipe), or when a row
+    lacks a field a plugin declares or has one of the wrong type."""
+    declared = declared_sample_fields(plugins)
+    columns = dict.fromkeys(key for row in rows for key in row)
+    unknown = [c for c in columns if c not in (*ENV_COLUMNS, *DESCRIPTIVE_COLUMNS) and c not in declared]
+    if unknown:
+        raise ValueError(f"{where}: column(s) {unknown} are read by no reward plugin; the environment reads "
+                         f"{list(ENV_COLUMNS)} and the rewards declare the fields {{{describe_sample_fields(plugins)}}}. "
+                         "Declare the column in a plugin's `sample_fields` (or the remote reward's `sample_fields` "
+                         "setting), or remove it")
+    for n, row in enumerate(rows):
+        for name, kind in declared.items():
+            if row.get(name) is None:
+                raise ValueError(f"{where} row {n}: no value in column {name!r}, which a reward reads "
+                                 f"({describe_sample_fields(plugins)}); every row needs it")
+            check_field_value(name, row[name], kind, f"{where} row {n}")
+
+
+def load_prompt_rows(path: str | Path, plugins: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines or parquet prompt set, with ``prompt_wav`` made absolute; with the reward ``plugins``
+    that will score them, checked against the fields those declare (:func:`check_row_fields`)."""
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
@@ -59,6 +93,8 @@ def load_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} row {n}: {wrong[0]} must be a string (quote it), got {row[wrong[0]]!r}")
         wav = Path(row["prompt_wav"])
         row["prompt_wav"] = str(wav if wav.is_absolute() else path.parent / wav)
+    if plugins is not None:
+        check_row_fields(rows, plugins, str(path))
     for wav in sorted({r["prompt_wav"] for r in rows}):  # at load, not at the first rollout
         try:
             check_audio_file(wav)
@@ -121,7 +157,8 @@ class TTSEnv(RolloutEnv):
         rows = [r for r in prompts for _ in range(num_generations)]
         extras = [{"audio": a, "sample_rate": self.pipeline.sample_rate, "text": row["text"],
                    "language": row["language"], "prompt_audio": v[1], "prompt_sample_rate": v[2],
-                   "emotion": row.get("emotion"), **self.token_timing} for a, row, v in zip(audio, rows, per_sample)]
+                   "emotion": row.get("emotion"), "fields": row_fields(row), **self.token_timing}
+                  for a, row, v in zip(audio, rows, per_sample)]
         return Rollouts(ids.cpu(), mask.cpu(), sampled.tokens.cpu(), sampled.mask.cpu(), sampled.logps.cpu(),
                         num_generations, extras, entropies=sampled.entropy.cpu(), stopped=sampled.stopped.cpu())
 

@@ -17,6 +17,7 @@ from accelerate import PartialState
 from vocalign.eval.heldout import HeldoutEvaluation, HeldoutSettings, PolicyScores, compare, format_table, score_policy
 from vocalign.eval.plots import curve_panels, plot_reward_curves
 from vocalign.rewards.base import RewardResult
+from vocalign.rewards.cer import CERReward
 from vocalign.rlhf.config import GRPOConfig
 from vocalign.rlhf.rollout import Rollouts
 from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
@@ -48,6 +49,7 @@ class LengthCER:
     """Test double for the cer plugin: 'error rate' is the audio's length modulo 7, over 10."""
 
     name = "cer"
+    roles = {"error_rate": "cer"}
 
     def score(self, samples):
         return [RewardResult(1.0 - (len(s.audio) % 7) / 10, {"cer": (len(s.audio) % 7) / 10, "transcript": "t"})
@@ -89,6 +91,54 @@ def test_summary_and_comparison_by_hand(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text()) == report
     assert "| sft | 0.4000 [0.5000, 0.3000] |" in (tmp_path / "eval.md").read_text()
     assert sf.info(tmp_path / "eval_wavs" / "grpo" / "0.wav").samplerate == 16000
+
+
+class SpeechEnv:
+    """Test double: half a second of 16 kHz audio per row, as a TTS environment's extras describe it."""
+
+    def rollout(self, model, prompts, num_generations, sampling):
+        extras = [{"audio": np.full(8000, 0.1, np.float32), "sample_rate": 16000, "text": row["text"],
+                   "language": "en"} for row in prompts for _ in range(num_generations)]
+        empty = torch.zeros(len(extras), 1, dtype=torch.long)
+        return Rollouts(empty, empty, empty, empty, empty.float(), num_generations, extras)
+
+
+class FakeTranscriber:
+    """Test double for a recogniser: hears every utterance as the same four words."""
+
+    def transcribe(self, audios):
+        return ["one two three five"] * len(audios)
+
+
+class FakeSpeakerSimilarity:
+    """Test double for a speaker-similarity plugin under another name: reward (1 + cos) / 2 of a cosine of 0.2."""
+
+    name = "voice_match"
+    roles = {"similarity": "cosine"}
+
+    def score(self, samples):
+        return [RewardResult(0.6, {"cosine": 0.2}) for _ in samples]
+
+
+def test_error_rate_is_the_recognisers_error_rate_whatever_the_plugin_is_called():
+    asr = CERReward(transcribers={"en": FakeTranscriber()})  # the real plugin: reward exp(-2.5 * CER)
+    asr.name = "asr"
+    rows = [{"text": "one two three four"}, {"text": "one two three five"}]  # WER 1/4 and 0
+    scores = score_policy(SpeechEnv(), torch.nn.Linear(1, 1), rows, [asr, FakeSpeakerSimilarity()],
+                          HeldoutSettings(seeds=[0], batch_size=2, save_wavs=0))
+    assert [r["error_rate"] for r in scores.rows] == [0.25, 0.0]  # the recogniser's error rate, not the reward's
+    assert [r["reward/asr"] for r in scores.rows] == pytest.approx([np.exp(-2.5 * 0.25), 1.0])
+    assert [r["transcript"] for r in scores.rows] == ["one two three five"] * 2
+    assert [r["sim"] for r in scores.rows] == [0.2, 0.2]  # the cosine, not the reward 0.6
+    table = format_table({"sft": scores.summary()}, ["sft"])
+    assert "| sft | 0.1250 [0.1250] | 0.2000 [0.2000] |" in table
+
+
+def test_two_plugins_in_one_role_are_refused_before_evaluating(tmp_path):
+    other = FakeSpeakerSimilarity()
+    other.name = "voice_match_2"
+    with pytest.raises(ValueError, match="'voice_match' and 'voice_match_2' both declare the role 'similarity'"):
+        HeldoutEvaluation(SpeechEnv(), [FakeSpeakerSimilarity(), other], ROWS, HeldoutSettings(), tmp_path)
 
 
 def test_settings_are_checked():

@@ -23,9 +23,16 @@ def test_grid_and_summary_by_hand():
                    "cer": pytest.approx(0.5)}
     with pytest.raises(ValueError, match="non-empty lists"):
         grid_runs({"trainer.beta": []})
-    heldout = {"sft": {"error_rate": 0.5, "sim": 0.6}, "grpo": {"error_rate": 0.3, "sim": 0.61}}
+    heldout = {"sft": {"error_rate": 0.5, "sim": 0.6, "utterances": 8},  # as compare() writes eval.json
+               "grpo": {"error_rate": 0.3, "sim": 0.61, "utterances": 8},
+               "relative_change": {"error_rate": -0.4}, "sim_change": 0.01}
     row = summary_row("r", {}, metrics, last=1, heldout=heldout)
-    assert row["heldout sft error_rate"] == 0.5 and row["heldout grpo sim"] == 0.61
+    assert {k: v for k, v in row.items() if k.startswith("heldout")} == {
+        "heldout sft error_rate": 0.5, "heldout sft sim": 0.6, "heldout grpo error_rate": 0.3, "heldout grpo sim": 0.61}
+    # the policies are those the evaluation compared, whatever they are called
+    renamed = {"base": heldout["sft"], "tuned": heldout["grpo"], "relative_change": {"error_rate": -0.4}}
+    row = summary_row("r", {}, metrics, last=1, heldout=renamed)
+    assert row["heldout base error_rate"] == 0.5 and row["heldout tuned sim"] == 0.61
 
 
 def test_variants_are_named_runs():
