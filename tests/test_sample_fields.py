@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from vocalign.common.generation import SamplingParams
+from vocalign.policies.checkpoints import write_tiny_checkpoint
+from vocalign.policies.pipeline import TTSPipeline
 from vocalign.rewards.base import RewardResult, Sample, score_all
 from vocalign.rewards.client import RemoteReward, RewardRequestError
+from vocalign.rewards.scorer import RewardScorer
 from vocalign.rewards.wire import JSON, MAX_FIELD_CHARS, WireError, encode, request_payload, sample_from_wire
-from vocalign.rlhf.tts_env import load_prompt_rows, row_fields
+from vocalign.rlhf.tts_env import TTSEnv, load_prompt_rows, row_fields
 
 from .test_reward_server import post, start_server
 
@@ -107,6 +111,18 @@ def test_fields_on_the_wire_are_strings_integers_or_finite_numbers_of_bounded_si
         raw = request_payload([utterance()])["samples"][0]
         with pytest.raises(WireError, match=message):
             sample_from_wire({**raw, "fields": fields}, 0)
+
+
+@pytest.mark.slow
+def test_the_tts_environment_hands_each_rows_fields_to_the_plugin_scoring_its_samples(tmp_path):
+    pipeline = TTSPipeline.from_pretrained(write_tiny_checkpoint(tmp_path / "ckpt"))
+    path = write_prompts(tmp_path, [{"target_pitch": 220.0, "voice": "m1"}, {"target_pitch": 150.0, "voice": "f2"}])
+    plugin = FakePitchReward()
+    rows = load_prompt_rows(path, [plugin])
+    rollouts = TTSEnv(pipeline).rollout(pipeline.lm.model, rows, 2, SamplingParams(max_new_tokens=8))
+    scores = RewardScorer([plugin]).score(rollouts)
+    assert scores.rewards["pitch"] == pytest.approx([-0.2, -0.2, -0.5, -0.5])  # each sample its own row's target
+    assert [e["scores"]["pitch"].info["seen"] for e in rollouts.extras] == [["target_pitch"]] * 4
 
 
 @pytest.mark.slow
