@@ -66,7 +66,7 @@ async def _capped_app(limit):
     cap = ConnectionCap(limit, every_s=60)
     app = web.Application(middlewares=[cap.track_requests])
     app.router.add_get("/slow", slow)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)  # a failing test leaves /slow requests waiting
     await runner.setup()
     listener = await asyncio.get_running_loop().create_server(cap.protocol_factory(runner.server), "127.0.0.1", 0)
     return cap, runner, listener, release, started
@@ -148,7 +148,8 @@ def _start_server(tmp_path, command, fd_limit=None):
     limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))) if fd_limit else None
     proc = subprocess.Popen([part.format(port=port) for part in command],
                             cwd=REPO, stdout=log, stderr=log, preexec_fn=limit,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
+                            env={**os.environ, "OMP_NUM_THREADS": "1",
+                                 "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
     log.close()
     deadline = time.monotonic() + 60
     while True:
