@@ -2,8 +2,9 @@
 
 Every connection holds a file descriptor. At the process's limit (``ulimit -n``) the server can take no connection
 (the event loop reports EMFILE on each accept and pauses accepting), open no model file and start no worker
-process: 1,100 half-sent headers under ``ulimit -n 1024`` made a server unreachable for 70 s. So a server holds at
-most :func:`connection_cap` connections, below that limit. When one more arrives at the cap, the connection open
+process: 1,100 half-sent headers under ``ulimit -n 1024`` made a server unreachable until the header timeout closed
+them (10 s by default; 70 s before there was one). So a server holds at most :func:`connection_cap` connections,
+below that limit. When one more arrives at the cap, the connection open
 longest without a request in progress (half-sent headers, an idle keep-alive) is closed to make room, so a flood of
 connections that never send a request cannot lock out a client that does; a request in progress is never cut, and
 when every connection has one, the newcomer is closed at once. Each is counted and logged in one line at most once
@@ -21,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ConnectionCap:
         self.limit = limit
         self.made_room = 0  # idle connections closed for a newcomer
         self.turned_away = 0  # newcomers closed because every connection had a request in progress
-        self._busy: set[RequestHandler] = set()
+        self._busy: set[web.RequestHandler] = set()
         self._opening = 0  # connections given a handler whose connection_made has not run yet
         self._lines = _EveryFewSeconds(every_s, logging.WARNING)
 

@@ -54,6 +54,15 @@ def test_the_cap_leaves_descriptors_for_an_accept_burst_and_the_model(monkeypatc
         connection_cap(512)
 
 
+def test_serve_reward_under_too_low_an_open_file_limit_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "-m", "vocalign.launch.cli", "serve-reward", "energy", "--port",
+                             str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (150, 150)))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "open-file limit (150, ulimit -n) leaves no descriptor for connections" in lines[0]
+
+
 async def _capped_app(limit):
     """A server holding at most ``limit`` connections; GET /slow answers when ``release`` is set."""
     release, started = asyncio.Event(), []
