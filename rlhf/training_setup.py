@@ -93,7 +93,9 @@ def prepare_training(model: torch.nn.Module, config: GRPOConfig, accelerator: Ac
     if config.disable_dropout:  # before the reference is copied, so both are deterministic
         disable_dropout(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.23 renamed it (the old name goes in v6); releases before 5.23 have only the old one
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     # The reference for the KL term: the adapter switched off with LoRA, otherwise a frozen copy.
     ref_model = None
     if config.beta > 0 and config.lora is None:

@@ -31,6 +31,14 @@ def trainer_for(tmp_path, scorer=None, model=None, **overrides):
                        GRPOConfig(**settings))
 
 
+def test_gradient_checkpointing_changes_no_figure_of_the_step(tmp_path):
+    """Recomputing activations in the backward pass trades time for memory, never the update."""
+    plain = trainer_for(tmp_path / "plain", disable_dropout=True).train()[0]
+    checkpointed = trainer_for(tmp_path / "ckpt", disable_dropout=True, gradient_checkpointing=True).train()[0]
+    for key in ("loss", "grad_norm", "reward/mean"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-6), key
+
+
 def with_dropout(p=0.1):
     """The toy Llama with attention dropout, as a checkpoint trained with it would be configured."""
     model = build_toy_model(TOY)
