@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..common.audio import read_audio, write_audio
 from ..policies.pipeline import SynthesisSettings, TTSPipeline
-from ..rewards.base import RewardPlugin, Sample, score_all
+from ..rewards.base import RewardPlugin, RewardResult, Sample, score_all
+from .heldout import role_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def evaluate(pipeline: TTSPipeline, items: Sequence[EvalItem], plugins: Sequence
              settings: SynthesisSettings = SynthesisSettings()) -> tuple[list[dict[str, Any]], dict[str, float]]:
     out_dir = Path(out_dir)
     (out_dir / "wavs").mkdir(parents=True, exist_ok=True)
+    roles = role_plugins(plugins)  # CER/WER and SIM from the plugins in those roles, whatever they are called
     rows = []
     for item in tqdm(items, desc="eval", unit="utt"):
         audio, rate = read_audio(item.prompt_wav)
@@ -77,14 +79,13 @@ def evaluate(pipeline: TTSPipeline, items: Sequence[EvalItem], plugins: Sequence
         results = {name: r[0] for name, r in score_all(plugins, [sample]).items()}
         row: dict[str, Any] = {"utt": item.utt, "language": item.language, "text": item.text,
                                "seconds": len(wav) / pipeline.sample_rate}
-        if "cer" in results:
-            row["transcript"] = results["cer"].info.get("transcript", "")
-            row["cer" if item.language == "zh" else "wer"] = results["cer"].info["cer"]
-        if "sim" in results:
-            if "cosine" not in results["sim"].info:
-                raise ValueError("the sim plugin reports no `cosine` in its info; SIM is reported as the cosine of "
-                                 "speaker embeddings, not as a reward value")
-            row["sim"] = results["sim"].info["cosine"]
+        if "error_rate" in roles:
+            name, key = roles["error_rate"]
+            row["transcript"] = results[name].info.get("transcript", "")
+            row["cer" if item.language == "zh" else "wer"] = _role_value(results[name], name, key, "error_rate")
+        if "similarity" in roles:
+            name, key = roles["similarity"]
+            row["sim"] = _role_value(results[name], name, key, "similarity")
         if "emotion" in results and item.emotion:
             row["emotion_predicted"] = results["emotion"].info.get("predicted")
             row["emotion_correct"] = float(str(row["emotion_predicted"]).split("/")[-1].lower() == item.emotion.lower())
@@ -92,6 +93,13 @@ def evaluate(pipeline: TTSPipeline, items: Sequence[EvalItem], plugins: Sequence
     means = summarize(rows)
     write_report(rows, means, out_dir)
     return rows, means
+
+
+def _role_value(result: RewardResult, name: str, key: str, role: str) -> float:
+    if key not in result.info:
+        raise ValueError(f"reward {name!r} declares info[{key!r}] as its {role}, but its result has none (status "
+                         f"{result.status} {result.reason!r}); the report gives the measure, not a reward value")
+    return result.info[key]
 
 
 def write_report(rows: Sequence[Mapping[str, Any]], means: Mapping[str, float], out_dir: Path) -> None:
