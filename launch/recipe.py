@@ -184,9 +184,9 @@ def build_glmtts(settings: GLMTTSSettings, recipe: Recipe) -> Run:
     scorer = RewardScorer([build_plugin(spec) for spec in recipe.rewards])
     evaluation = None
     if recipe.eval is not None:
-        evaluation = HeldoutEvaluation(env, scorer.plugins, load_prompt_rows(heldout_path), recipe.eval,
+        evaluation = HeldoutEvaluation(env, scorer.plugins, load_prompt_rows(heldout_path, scorer.plugins), recipe.eval,
                                        ckpt / "llm")
-    return Run(pipeline.lm.model, env, scorer, load_prompt_rows(data), evaluation)
+    return Run(pipeline.lm.model, env, scorer, load_prompt_rows(data, scorer.plugins), evaluation)
 
 
 # vocalign's own environments, registered in its pyproject.toml as any package would register one

@@ -146,3 +146,18 @@ def test_flow_steps_is_refused_where_the_codec_has_no_flow(tmp_path):
     with pytest.raises(ValueError, match="env.flow_steps: .* decodes with the demo's mel-unit codec .* no "
                                          "flow-matching model, so the setting would be ignored; remove it"):
         load_recipe(path)
+
+
+def test_a_prompt_column_no_reward_reads_is_refused_when_the_recipe_loads(tmp_path):
+    """The recipe hands its reward plugins to the prompt loader, so a misspelt per-utterance column fails at load,
+    not silently dropped (training prompts and held-out rows alike)."""
+    row = json.loads((DEMO_PROMPTS / "train.jsonl").read_text().splitlines()[0])
+    row["prompt_wav"] = str(DEMO_PROMPTS / row["prompt_wav"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({**row, "target_pich": 180.0}) + "\n")
+    for data, heldout in ((str(prompts), "demo"), ("demo", str(prompts))):
+        path = write_recipe(tmp_path, {"env": {"name": "glmtts", "ckpt": "demo", "data": data},
+                                       "rewards": [{"name": "energy"}], "eval": {"data": heldout},
+                                       "trainer": {"output_dir": str(tmp_path / "run")}})
+        with pytest.raises(ValueError, match=r"prompts.jsonl: column\(s\) \['target_pich'\] are read by no reward plugin"):
+            load_recipe(path)
