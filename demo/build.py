@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
 from ..common.audio import to_model_rate
+from ..common.settings import apply_overrides, from_dict, load_yaml
 from ..policies.codec import MelUnitCodec
 from ..policies.frontend.text import normalize_text
 from ..policies.frontend.tokenizer import build_word_tokenizer
@@ -53,7 +54,6 @@ from ..policies.sampling import RELEASED_SAMPLING
 from ..policies.speech_lm import SpeechLM, TTSPrompt
 from ..rewards.pocketsphinx_asr import PocketSphinxASR
 from ..rewards.text_norm import error_rate
-from ..rlhf.config import apply_overrides, from_dict, load_yaml
 from ..sft.finetune import Example, collate, sft_step, shuffled_batches
 
 logger = logging.getLogger(__name__)

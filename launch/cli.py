@@ -57,7 +57,7 @@ def _serve_reward(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     settings = {}
     if args.config:
-        from ..rlhf.config import load_yaml  # imports torch: only when there is a config to read
+        from ..common.settings import load_yaml
 
         try:
             settings = load_yaml(args.config)
@@ -106,11 +106,11 @@ def _synth(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from ..common.settings import load_yaml_list
     from ..eval.seed_tts_eval import evaluate, read_list
     from ..policies.frontend.g2p import PhonemeFrontend
     from ..policies.pipeline import SynthesisSettings, TTSPipeline
     from ..rewards.scorer import build_plugin
-    from ..rlhf.config import load_yaml_list
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -132,7 +132,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from ..rlhf.config import parse_override
+    from ..common.settings import parse_override
     from ..sft.finetune import load_sft_config, train_voice
 
     summary = train_voice(load_sft_config(args.config, dict(map(parse_override, args.set))))
@@ -152,8 +152,8 @@ def _tiny_ckpt(args: argparse.Namespace) -> int:
 
 
 def _demo_tts(args: argparse.Namespace) -> int:
+    from ..common.settings import parse_override
     from ..demo.build import build_demo_tts, load_demo_config
-    from ..rlhf.config import parse_override
 
     out = build_demo_tts(load_demo_config(args.config, dict(map(parse_override, args.set))))
     logging.getLogger("vocalign").info("demo TTS: %s/ckpt, prompts in %s/prompts, provenance %s/provenance.json",

@@ -28,9 +28,10 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
+from ..common.settings import apply_overrides, from_dict, load_yaml, parse_override
 from ..demo import DEMO_CKPT, DEMO_PROMPTS
 from ..eval.heldout import HeldoutEvaluation, HeldoutSettings
-from ..rlhf.config import GRPOConfig, apply_overrides, from_dict, load_yaml, parse_override
+from ..rlhf.config import GRPOConfig
 from ..rlhf.rollout import RolloutEnv, Scorer
 from ..rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
 

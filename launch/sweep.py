@@ -22,16 +22,30 @@ import logging
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..common.settings import format_override, from_dict, load_yaml, parse_override
 from ..eval.heldout import ROLE_COLUMNS, policy_summaries, seed_cell
 from ..eval.plots import plot_reward_curves, read_metrics
-from ..rlhf.config import format_override, load_yaml, parse_override
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file, read by ``from_dict`` like every config section: a misspelt key fails before any run."""
+
+    base: str  # the recipe every run starts from, relative to the sweep file
+    output_dir: str | None = None  # where the runs and tables go; default runs/sweep_<file stem>
+    overrides: list[str] = field(default_factory=list)  # `section.key=value` items applied to every run
+    grid: dict[str, list[Any]] | None = None  # `section.key: [values]`: every combination runs
+    variants: dict[str, dict[str, Any]] | None = None  # run name -> `section.key: value`: each runs as written
+    seeds: list[int] | None = None  # training seeds each run is repeated with; none: the recipe's own seed
+    summary_steps: int = 5  # the table's reward figures are means over this many last steps
 
 
 def grid_runs(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -102,9 +116,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, settings: set[str]) -> No
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def sweep_seeds(spec: dict[str, Any]) -> list[int | None]:
+def sweep_seeds(spec: SweepSpec) -> list[int | None]:
     """The training seeds each run is repeated with; ``[None]`` (the recipe's own seed) when the sweep names none."""
-    seeds = spec.get("seeds")
+    seeds = spec.seeds
     if seeds is None:
         return [None]
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
@@ -113,13 +127,13 @@ def sweep_seeds(spec: dict[str, Any]) -> list[int | None]:
     return seeds
 
 
-def sweep_runs(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def sweep_runs(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
     """(name, overrides) of each run: the grid's combinations, or the named variants."""
-    if ("grid" in spec) == ("variants" in spec):
+    if (spec.grid is None) == (spec.variants is None):
         raise ValueError("a sweep has either `grid` (every combination) or `variants` (named runs), not both")
-    if "grid" in spec:
-        return [(run_name(values), values) for values in grid_runs(spec["grid"] or {})]
-    variants = spec["variants"]
+    if spec.grid is not None:
+        return [(run_name(values), values) for values in grid_runs(spec.grid)]
+    variants = spec.variants
     if not isinstance(variants, dict) or not variants or not all(isinstance(v, dict) for v in variants.values()):
         raise ValueError("sweep `variants` must map run names to mappings of dotted keys to values")
     return [(str(name), dict(values)) for name, values in variants.items()]
@@ -127,17 +141,15 @@ def sweep_runs(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def run_sweep(path: str | Path) -> Path:
     path = Path(path)
-    spec = load_yaml(path)
-    unknown = sorted(set(spec) - {"base", "output_dir", "overrides", "grid", "variants", "seeds", "summary_steps"})
-    if unknown:
-        raise ValueError(f"{path}: unknown sweep keys {unknown}")
+    data = load_yaml(path)
+    spec = from_dict(SweepSpec, data, f"sweep file {path}")
     runs = sweep_runs(spec)
     seeds = sweep_seeds(spec)
-    fixed = [parse_override(item) for item in spec.get("overrides", [])]  # a malformed one fails before any run
-    base = (path.parent / spec["base"]).resolve()
-    out = Path(spec.get("output_dir", f"runs/sweep_{path.stem}"))
+    fixed = [parse_override(item) for item in spec.overrides]  # a malformed one fails before any run
+    base = (path.parent / spec.base).resolve()
+    out = Path(spec.output_dir or f"runs/sweep_{path.stem}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (out / "sweep.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     rows, curves = [], {}
     for (name, values), seed in itertools.product(runs, seeds):
         run_dir = out / re.sub(r"[^A-Za-z0-9_-]+", "_", name.replace("=", "_").replace(",", "__").replace(".", "-"))
@@ -154,7 +166,7 @@ def run_sweep(path: str | Path) -> Path:
         metrics = read_metrics(run_dir / "metrics.jsonl")
         curves[label] = metrics
         heldout = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
-        row = summary_row(name, values, metrics, int(spec.get("summary_steps", 5)), heldout)
+        row = summary_row(name, values, metrics, spec.summary_steps, heldout)
         rows.append(row if seed is None else {"run": name, "seed": seed, **row})
     write_table(rows, out, {_short(key) for _, values in runs for key in values})
     plot_reward_curves(curves, out / "reward_curves.png")

@@ -12,7 +12,6 @@ receives those results through ``score(samples, upstream=...)``, so the ASR runs
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import inspect
 import logging
@@ -24,6 +23,8 @@ from importlib.metadata import entry_points
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+
+from ..common.settings import from_dict, settings_class
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def build_reward(name: str, target: str | None = None, **settings: Any) -> Rewar
         raise ValueError(f"unknown reward {name!r}; known: {sorted(known)}. Install a package that registers it "
                          f"under the entry-point group {ENTRY_POINT_GROUP!r}, or give `target: package.module:Class`")
     factory = _import_target(path)
-    _check_settings(name, path, factory, settings)
+    _check_settings(name, factory, settings)
     plugin = factory(**settings)
     if getattr(plugin, "name", None) != name:
         plugin.name = name  # the config's name is what the trainer and the logs use
@@ -290,20 +291,16 @@ def build_reward(name: str, target: str | None = None, **settings: Any) -> Rewar
     return plugin
 
 
-def _check_settings(name: str, path: str, factory: Callable[..., Any], settings: Mapping[str, Any]) -> None:
-    """Name a setting the plugin does not take (with the closest one it does) before it loads a model."""
+def _check_settings(name: str, factory: Callable[..., Any], settings: Mapping[str, Any]) -> None:
+    """Name a setting the plugin does not take (with the closest one it does), one it lacks, or one of the wrong
+    type, before it loads a model: the constructor's parameters read as a config section."""
     try:
         parameters = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):  # no introspectable signature (a C extension): let the call itself complain
         return
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
         return
-    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for key in settings:
-        if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"reward {name!r} ({path}) has no setting {key!r}{hint} Its settings: {accepted}")
+    from_dict(settings_class(factory), dict(settings), f"reward {name!r}")
 
 
 def build_backend(what: str, backends: Mapping[str, Callable[..., T]], kind: str, /, **settings: Any) -> T:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import difflib
-import inspect
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from ..common.settings import from_dict, settings_class
 from .base import RewardResult, Sample, plugin_roles, plugin_sample_fields, registered_plugin
 from .wire import (
     ENCODINGS,
@@ -351,8 +352,9 @@ class RemoteReward:
 
 
 def validate_remote_settings(name: str, urls: Any, settings: Mapping[str, Any]) -> None:
-    """Raise a ValueError saying what to fix unless ``urls`` is a list of http(s) server URLs and every setting is
-    one :class:`RewardClient` takes (naming the closest for a typo), of the type its default has."""
+    """Raise a ValueError saying what to fix unless ``urls`` is a list of http(s) server URLs and ``settings`` read
+    as a config section of :class:`RewardClient`'s and :class:`RemoteReward`'s parameters (a typo named with the
+    closest, a value of the wrong type refused)."""
     where = f"remote reward {name!r}"
     if not isinstance(urls, (list, tuple)) or not urls:
         raise ValueError(f"{where}: urls must be a list of server URLs such as [http://127.0.0.1:8100], "
@@ -362,15 +364,12 @@ def validate_remote_settings(name: str, urls: Any, settings: Mapping[str, Any]) 
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{where}: {url!r:.200} is not an http:// or https:// server URL "
                              "(such as http://127.0.0.1:8100)")
-    accepted = {p.name: p.default for p in inspect.signature(RewardClient).parameters.values()
-                if p.kind is p.KEYWORD_ONLY}
-    for key, value in settings.items():
-        if key not in accepted:
-            known = [*accepted, "requires", "min_value", "sample_fields", "roles"]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where} has no setting {key!r}{hint} Its settings: {known}")
-        kind = (int, float) if isinstance(accepted[key], float) else type(accepted[key])
-        if not isinstance(value, kind) or isinstance(value, bool):
-            what = {int: "a whole number", str: "a string"}.get(type(accepted[key]), "a number")
-            raise ValueError(f"{where}: {key} must be {what} like {accepted[key]!r}, got {value!r:.100}")
+    from_dict(_remote_settings_class(), {"name": name, "urls": urls, **settings}, where)
+
+
+@functools.cache
+def _remote_settings_class() -> type:
+    """RewardClient's settings and those RemoteReward takes itself (``requires``, ``min_value``, ``sample_fields``,
+    ``roles``) as one section: what a remote entry of a reward list may hold."""
+    return dataclasses.make_dataclass("RemoteRewardSettings", [], kw_only=True,
+                                      bases=(settings_class(RemoteReward), settings_class(RewardClient)))

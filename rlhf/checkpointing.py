@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .config import GRPOConfig, to_dict
+from ..common.settings import to_dict
+from .config import GRPOConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,22 +1,14 @@
-"""Trainer configuration: YAML mapped onto dataclasses, names following TRL's GRPOConfig where one exists.
+"""Trainer configuration: the ``trainer`` section of a recipe, names following TRL's GRPOConfig where one exists.
 
-Unknown keys are errors with a suggestion, not silently ignored: a typo in ``epsilon_hgih`` would otherwise run a
-whole experiment with the default. Every config file takes overrides in one syntax, ``section.key=value`` (the value
-read as YAML): ``vocalign train --set``, ``vocalign sft --set``, ``make-demo-tts --set`` and sweep files.
+It is read like every config section, by ``common.settings.from_dict`` (unknown keys and wrong types are
+errors); each field's trailing comment is what ``docs/reference/configuration.md`` says about it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
 import typing
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, Union
-
-import yaml
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -24,8 +16,6 @@ if TYPE_CHECKING:
 from .loss import canonical_loss_type
 from .resampling import ResampleConfig
 from .schedules import Schedule
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -162,110 +152,3 @@ class GRPOConfig:
         if unknown:
             raise ValueError(f"reward_weights names {unknown} but the rewards are {list(names)}")
         return [float(self.reward_weights.get(name, 1.0)) for name in names]
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], where) if len(args) == 1 else value
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 1e-6 as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
-    return value
-
-
-def _key_path(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys are errors, and so
-    are missing ones for fields without a default. Every config section is read through here, so a typo or an
-    omission reads the same in every section. ``where`` is the section's dotted path ("": the top level)."""
-    hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    names = [f.name for f in fields]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        hints_text = "; ".join(
-            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else "")
-            for k in unknown)
-        raise ValueError(f"unknown key(s) in {where or 'the top level'}: {hints_text}")
-    missing = [f.name for f in fields if f.init and data.get(f.name) is None  # `key:` with no value is YAML's null
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"missing required key(s) {', '.join(_key_path(where, k) for k in missing)} "
-                         f"({cls.__name__} has no default for them)")
-    kwargs = {k: _convert(v, hints[k], _key_path(where, k)) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a YAML mapping at the top level")
-    return data
-
-
-def load_yaml_list(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    data = yaml.safe_load(path.read_text()) or []
-    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-        raise ValueError(f"{path} must hold a YAML list of mappings")
-    return data
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``section.key=value`` -> ``("section.key", value)``, the value read as YAML (``3`` is an int, ``[0, 1]`` a
-    list, ``null`` None)."""
-    dotted, sep, raw = item.partition("=")
-    if not sep or not dotted:
-        raise ValueError(f"override {item!r} must look like section.key=value, e.g. trainer.max_steps=10")
-    return dotted, yaml.safe_load(raw)
-
-
-def format_override(key: str, value: Any) -> str:
-    """The ``key=value`` item that :func:`parse_override` reads back as ``(key, value)`` (strings quoted where YAML
-    would read them as something else)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
-    text = text.removesuffix("...\n").strip()  # a lone scalar is dumped as a document ending in "..."
-    return f"{key}={text}"
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """Set each dotted key in ``data`` in order, making missing sections; ``data`` is changed and returned."""
-    for dotted, value in overrides:
-        *parents, leaf = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {dotted}: {key!r} is not a section")
-        node[leaf] = value
-    return data
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)

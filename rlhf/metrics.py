@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from ..common.settings import to_dict
 from .advantages import flat_reward_mask, normalize_per_reward, scored_samples
-from .config import GRPOConfig, to_dict
+from .config import GRPOConfig
 from .loss import SurrogateTerms
 from .rollout import Rollouts
 

@@ -23,9 +23,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..common.audio import read_audio
+from ..common.settings import apply_overrides, from_dict, load_yaml
 from ..policies.pipeline import TTSPipeline
 from ..policies.speech_lm import TTSPrompt
-from ..rlhf.config import LoraSettings, apply_overrides, from_dict, load_yaml, wrap_lora
+from ..rlhf.config import LoraSettings, wrap_lora
 
 logger = logging.getLogger(__name__)
 

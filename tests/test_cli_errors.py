@@ -37,7 +37,7 @@ def train(tmp_path, caplog, data, rewards):
 
 def test_typo_in_a_reward_setting_names_it(tmp_path, caplog, prompts):
     message = train(tmp_path, caplog, prompts, [{"name": "energy", "target_dbfz": -20}])
-    assert "has no setting 'target_dbfz'; did you mean 'target_dbfs'?" in message
+    assert "unknown key(s) in reward 'energy': 'target_dbfz' (did you mean 'target_dbfs'?)" in message
 
 
 def test_empty_prompt_file(tmp_path, caplog):

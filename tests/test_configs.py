@@ -1,10 +1,13 @@
 """Every shipped recipe parses: trainer keys are known, env and reward sections are well-formed."""
 
+import re
+
 import pytest
 
+from vocalign.common.settings import apply_overrides, format_override, from_dict, load_yaml, load_yaml_list, parse_override
 from vocalign.demo.build import DemoTTSConfig, load_demo_config
 from vocalign.launch.recipe import GLMTTS_ENVIRONMENT, TOY_ENVIRONMENT, read_recipe
-from vocalign.rlhf.config import GRPOConfig, apply_overrides, format_override, from_dict, load_yaml, load_yaml_list, parse_override
+from vocalign.rlhf.config import GRPOConfig
 from vocalign.sft.finetune import load_sft_config
 
 from .conftest import REPO
@@ -55,3 +58,27 @@ def test_one_override_syntax_for_recipes_sft_and_sweeps():
     with pytest.raises(ValueError, match="'beta' is not a section"):
         apply_overrides(recipe, [("trainer.beta.x", 1)])
     assert load_sft_config(REPO / "configs" / "lora_voice.yaml", {"epochs": 5, "lora.r": 16}).lora.r == 16
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("max_steps", "ten", "trainer.max_steps must be an integer, got 'ten'"),
+    ("max_steps", True, "trainer.max_steps must be an integer, got True"),
+    ("gradient_checkpointing", "yes", "trainer.gradient_checkpointing must be true or false, got 'yes'"),
+    ("gradient_checkpointing", 1, "trainer.gradient_checkpointing must be true or false, got 1"),
+    ("loss_type", 3, "trainer.loss_type must be a string, got 3"),
+    ("beta", False, "trainer.beta must be a number, got False"),
+    ("beta", "lots", "trainer.beta must be a number, got 'lots'"),
+])
+def test_a_scalar_of_the_wrong_type_is_refused_with_its_key_path(key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_dict(GRPOConfig, {key: value}, "trainer")
+
+
+def test_numbers_and_unions_read_as_before():
+    config = from_dict(GRPOConfig, {"beta": 1, "learning_rate": "1e-6", "top_k": 5, "top_p": None,
+                                    "resume": "force"}, "trainer")
+    assert (config.beta, config.learning_rate, config.top_k, config.top_p, config.resume) == (1.0, 1e-6, 5, None,
+                                                                                           "force")
+    assert isinstance(config.beta, float)
+    with pytest.raises(ValueError, match=re.escape("trainer.top_k must be an integer, got 2.5")):
+        from_dict(GRPOConfig, {"top_k": 2.5}, "trainer")

@@ -363,8 +363,8 @@ def free_port():
     ({"urls": "http://127.0.0.1:8100"}, "urls must be a list of server URLs"),
     ({"urls": ["ftp://127.0.0.1:8100"]}, "'ftp://127.0.0.1:8100' is not an http:// or https:// server URL"),
     ({"urls": ["127.0.0.1:8100"]}, "is not an http:// or https:// server URL"),
-    ({"urls": ["http://127.0.0.1:8100"], "timeout": 5}, "has no setting 'timeout'; did you mean 'timeout_s'?"),
-    ({"urls": ["http://127.0.0.1:8100"], "retries": "3"}, "retries must be a whole number like 3, got '3'"),
+    ({"urls": ["http://127.0.0.1:8100"], "timeout": 5}, "unknown key(s) in remote reward 'cer': 'timeout' (did you mean 'timeout_s'?)"),
+    ({"urls": ["http://127.0.0.1:8100"], "retries": "3"}, "remote reward 'cer'.retries must be an integer, got '3'"),
     ({"urls": ["http://127.0.0.1:8100"], "min_value": "low"}, "min_value must be a finite number"),
 ], ids=["string", "ftp", "no-scheme", "typo", "type", "min-value"])
 def test_remote_reward_entries_are_checked_when_the_recipe_loads(entry, message):

@@ -5,7 +5,8 @@ import csv
 import pytest
 import yaml
 
-from vocalign.launch.sweep import grid_runs, run_name, run_sweep, seed_table, summary_row, sweep_runs, sweep_seeds
+from vocalign.common.settings import from_dict
+from vocalign.launch.sweep import SweepSpec, grid_runs, run_name, run_sweep, seed_table, summary_row, sweep_runs, sweep_seeds
 
 from .conftest import REPO
 
@@ -36,19 +37,26 @@ def test_grid_and_summary_by_hand():
 
 
 def test_variants_are_named_runs():
-    runs = sweep_runs({"variants": {"full": {}, "no_resampling": {"trainer.resample.enabled": False}}})
+    runs = sweep_runs(SweepSpec("r.yaml", variants={"full": {}, "no_resampling": {"trainer.resample.enabled": False}}))
     assert runs == [("full", {}), ("no_resampling", {"trainer.resample.enabled": False})]
     with pytest.raises(ValueError, match="either `grid`"):
-        sweep_runs({"grid": {"trainer.beta": [0.0]}, "variants": {"a": {}}})
+        sweep_runs(SweepSpec("r.yaml", grid={"trainer.beta": [0.0]}, variants={"a": {}}))
     with pytest.raises(ValueError, match="map run names to mappings"):
-        sweep_runs({"variants": {"a": ["trainer.beta=0"]}})
+        sweep_runs(SweepSpec("r.yaml", variants={"a": ["trainer.beta=0"]}))
+
+
+def test_a_sweep_file_key_that_no_sweep_reads_is_refused():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in sweep file s.yaml: 'seed' \(did you mean 'seeds'\?\)"):
+        from_dict(SweepSpec, {"base": "r.yaml", "grid": {"trainer.beta": [0.0]}, "seed": [0]}, "sweep file s.yaml")
+    with pytest.raises(ValueError, match=r"sweep file s.yaml.summary_steps must be an integer, got 'five'"):
+        from_dict(SweepSpec, {"base": "r.yaml", "summary_steps": "five"}, "sweep file s.yaml")
 
 
 def test_seeds_repeat_each_run_and_the_table_shows_their_spread():
-    assert sweep_seeds({}) == [None] and sweep_seeds({"seeds": [0, 1]}) == [0, 1]
+    assert sweep_seeds(SweepSpec("r.yaml")) == [None] and sweep_seeds(SweepSpec("r.yaml", seeds=[0, 1])) == [0, 1]
     for bad in ([], [0, 0], ["0"], 1, [True]):
         with pytest.raises(ValueError, match="list of distinct integer training seeds"):
-            sweep_seeds({"seeds": bad})
+            sweep_seeds(SweepSpec("r.yaml", seeds=bad))
     rows = [{"run": "a", "seed": 0, "trainer.beta": 0.1, "cer": 0.5, "heldout grpo error_rate": 0.25},
             {"run": "a", "seed": 1, "trainer.beta": 0.1, "cer": 0.7, "heldout grpo error_rate": 0.35},
             {"run": "b", "seed": 0, "trainer.beta": 0.0, "cer": 0.4}]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from vocalign.common.settings import from_dict
 from vocalign.launch.recipe import load_recipe
-from vocalign.rlhf.config import GRPOConfig, LoraSettings, from_dict
+from vocalign.rlhf.config import GRPOConfig, LoraSettings
 from vocalign.rlhf.resampling import ResampleConfig
 from vocalign.rlhf.rollout import Scorer
 from vocalign.rlhf.toy_env import ToyConfig, ToyEnv, ToyScorer, build_toy_model, toy_prompts
