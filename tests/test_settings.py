@@ -18,7 +18,7 @@ class FakeLoudnessPlugin:
     """A test double with one required, one typed and one unresolvable setting."""
 
     def __init__(self, reference: str, *, target_dbfs: float = -20.0, window: int = 3, label: str | None = None,
-                 table: OrderedDict = None) -> None:
+                 voice: str = None, table: OrderedDict = None) -> None:
         self.reference, self.target_dbfs, self.window = reference, target_dbfs, window
 
     def score(self, samples):
@@ -40,7 +40,8 @@ TARGET = f"{__name__}:FakeLoudnessPlugin"
 
 def test_a_constructor_becomes_a_section_with_its_types_and_defaults():
     cls = settings_class(FakeLoudnessPlugin)
-    read = from_dict(cls, {"reference": "a.wav", "target_dbfs": -12, "table": {"any": "thing"}}, "reward 'loud'")
+    read = from_dict(cls, {"reference": "a.wav", "target_dbfs": -12, "voice": None,
+                              "table": {"any": "thing"}}, "reward 'loud'")
     assert (read.reference, read.target_dbfs, read.window, read.label) == ("a.wav", -12.0, 3, None)
     assert read.table == {"any": "thing"}  # its annotation names a TYPE_CHECKING-only import: any value passes
     assert settings_class(FakeLoudnessPlugin) is cls
