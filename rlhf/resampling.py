@@ -19,8 +19,8 @@ from .advantages import flat_reward_mask
 
 @dataclass
 class ResampleConfig:
-    enabled: bool = True
-    max_rounds: int = 3
+    enabled: bool = True  # regenerate the prompts of flat groups (every reward equal) before the update
+    max_rounds: int = 3  # most regenerations of one prompt's group per step
     max_total: int | None = None  # extra generations per batch; None -> num_prompts * num_generations
     # rewards left out when judging flatness; GLM-TTS recipes name their speaker similarity here (``[sim]``, as the
     # report does), a default naming a reward could not fit every environment

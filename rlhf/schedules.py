@@ -30,9 +30,9 @@ class StepHyperparams:
 class Schedule:
     """``[start, end]`` pairs; ``None`` keeps the constant value given to :meth:`at`."""
 
-    epsilon: tuple[float, float] | None = None
-    epsilon_high: tuple[float, float] | None = None
-    temperature: tuple[float, float] | None = None
+    epsilon: tuple[float, float] | None = None  # [start, end] of the lower clip bound, linear over the ramp
+    epsilon_high: tuple[float, float] | None = None  # [start, end] of the upper clip bound, linear over the ramp
+    temperature: tuple[float, float] | None = None  # [start, end] of the sampling temperature, linear over the ramp
     steps: int | None = None  # length of the ramp; None -> the run's max_steps
 
     def __post_init__(self) -> None:
