@@ -280,8 +280,7 @@ def build_reward(name: str, target: str | None = None, **settings: Any) -> Rewar
         raise ValueError(f"unknown reward {name!r}; known: {sorted(known)}. Install a package that registers it "
                          f"under the entry-point group {ENTRY_POINT_GROUP!r}, or give `target: package.module:Class`")
     factory = _import_target(path)
-    _check_settings(name, factory, settings)
-    plugin = factory(**settings)
+    plugin = factory(**_check_settings(name, factory, settings))
     if getattr(plugin, "name", None) != name:
         plugin.name = name  # the config's name is what the trainer and the logs use
     if not isinstance(plugin, RewardPlugin):
@@ -291,16 +290,18 @@ def build_reward(name: str, target: str | None = None, **settings: Any) -> Rewar
     return plugin
 
 
-def _check_settings(name: str, factory: Callable[..., Any], settings: Mapping[str, Any]) -> None:
-    """Name a setting the plugin does not take (with the closest one it does), one it lacks, or one of the wrong
-    type, before it loads a model: the constructor's parameters read as a config section."""
+def _check_settings(name: str, factory: Callable[..., Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as the plugin takes them (a number YAML read as a string made a float): a setting the plugin
+    does not take (named with the closest one it does), one it lacks, or one of the wrong type is refused before it
+    loads a model, the constructor's parameters read as a config section."""
     try:
         parameters = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):  # no introspectable signature (a C extension): let the call itself complain
-        return
+        return dict(settings)
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return
-    from_dict(settings_class(factory), dict(settings), f"reward {name!r}")
+        return dict(settings)
+    checked = from_dict(settings_class(factory), dict(settings), f"reward {name!r}")
+    return {key: getattr(checked, key) for key in settings}
 
 
 def build_backend(what: str, backends: Mapping[str, Callable[..., T]], kind: str, /, **settings: Any) -> T:

@@ -336,7 +336,7 @@ class RemoteReward:
     def __init__(self, name: str, urls: Sequence[str], requires: Sequence[str] = (), min_value: float = 0.0,
                  sample_fields: Mapping[str, Any] | None = None, roles: Mapping[str, str] | None = None,
                  **client_settings: Any) -> None:
-        validate_remote_settings(name, urls, client_settings)
+        client_settings = validate_remote_settings(name, urls, client_settings)
         if not isinstance(min_value, (int, float)) or isinstance(min_value, bool) or not math.isfinite(min_value):
             raise ValueError(f"remote reward {name!r}: min_value must be a finite number, got {min_value!r}")
         self.name, self.requires, self.min_value = name, tuple(requires), float(min_value)
@@ -351,10 +351,11 @@ class RemoteReward:
         return self.client.score(samples, upstream)
 
 
-def validate_remote_settings(name: str, urls: Any, settings: Mapping[str, Any]) -> None:
-    """Raise a ValueError saying what to fix unless ``urls`` is a list of http(s) server URLs and ``settings`` read
-    as a config section of :class:`RewardClient`'s and :class:`RemoteReward`'s parameters (a typo named with the
-    closest, a value of the wrong type refused)."""
+def validate_remote_settings(name: str, urls: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as :class:`RewardClient` takes them (a number YAML read as a string made a float); a ValueError
+    saying what to fix unless ``urls`` is a list of http(s) server URLs and ``settings`` read as a config section of
+    :class:`RewardClient`'s and :class:`RemoteReward`'s parameters (a typo named with the closest, a value of the
+    wrong type refused)."""
     where = f"remote reward {name!r}"
     if not isinstance(urls, (list, tuple)) or not urls:
         raise ValueError(f"{where}: urls must be a list of server URLs such as [http://127.0.0.1:8100], "
@@ -364,7 +365,8 @@ def validate_remote_settings(name: str, urls: Any, settings: Mapping[str, Any]) 
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{where}: {url!r:.200} is not an http:// or https:// server URL "
                              "(such as http://127.0.0.1:8100)")
-    from_dict(_remote_settings_class(), {"name": name, "urls": urls, **settings}, where)
+    checked = from_dict(_remote_settings_class(), {"name": name, "urls": urls, **settings}, where)
+    return {key: getattr(checked, key) for key in settings}
 
 
 @functools.cache

@@ -59,9 +59,17 @@ def test_a_reward_setting_is_checked_before_the_plugin_is_built(settings, messag
         build_reward("loud", target=TARGET, **settings)
 
 
-def test_the_plugin_gets_its_settings_as_written():
-    plugin = build_reward("loud", target=TARGET, reference="a.wav", target_dbfs=-12)
-    assert type(plugin.target_dbfs) is int and plugin.window == 3
+def test_the_plugin_gets_its_settings_as_read():
+    """YAML reads `1e-3` as a string: a float setting reaches the plugin as the float the check read."""
+    plugin = build_reward("loud", target=TARGET, reference="a.wav", target_dbfs="-1.2e1")
+    assert plugin.target_dbfs == -12.0 and type(plugin.target_dbfs) is float and plugin.window == 3
+
+
+def test_a_remote_reward_gets_its_client_settings_as_read():
+    from vocalign.rewards.client import RemoteReward
+
+    remote = RemoteReward("cer", ["http://127.0.0.1:9"], timeout_s="1e2")
+    assert remote.client.timeout_s == 100.0
 
 
 def test_a_plugin_that_takes_any_setting_gets_them_all():
