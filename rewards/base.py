@@ -112,15 +112,15 @@ def check_field_value(name: str, value: Any, kind: type, where: str) -> Any:
     return value
 
 
-def fields_for(plugin: Any, sample: Sample, where: str) -> dict[str, Any]:
-    """The fields of ``sample`` that ``plugin`` declares, checked; a declared field the sample lacks is an error.
-    Fields it does not declare are not passed, in-process as over the wire."""
-    declared = plugin_sample_fields(plugin)
-    missing = [name for name in declared if sample.fields.get(name) is None]
+def fields_for(name: str, declared: Mapping[str, type], sample: Sample, where: str) -> dict[str, Any]:
+    """The fields of ``sample`` that reward ``name`` declares (``declared``: its :func:`plugin_sample_fields`, read
+    once per plugin, not per sample), checked; a declared field the sample lacks is an error. Fields it does not
+    declare are not passed, in-process as over the wire."""
+    missing = [field for field in declared if sample.fields.get(field) is None]
     if missing:
-        raise ValueError(f"{where}: reward {plugin.name!r} needs field(s) {missing}, which the sample does not have "
+        raise ValueError(f"{where}: reward {name!r} needs field(s) {missing}, which the sample does not have "
                          f"(it has {sorted(sample.fields)}); add them as columns of the prompt file")
-    return {name: check_field_value(name, sample.fields[name], kind, where) for name, kind in declared.items()}
+    return {field: check_field_value(field, sample.fields[field], kind, where) for field, kind in declared.items()}
 
 
 OK, INVALID, FAILED = "ok", "invalid", "failed"
@@ -390,7 +390,8 @@ def _score_one(plugin: RewardPlugin, samples: Sequence[Sample], verdicts: Sequen
             results[i] = RewardResult.failed(f"{', '.join(failed)} could not score it")
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
-        subset = [_own_fields(plugin, samples[i], f"sample {i}") for i in todo]
+        declared = plugin_sample_fields(plugin)
+        subset = [_own_fields(plugin.name, declared, samples[i], f"sample {i}") for i in todo]
         if needed:
             out = plugin.score(subset, upstream={n: [r[i] for i in todo] for n, r in needed.items()})  # type: ignore[call-arg]
         else:
@@ -408,8 +409,8 @@ def _score_one(plugin: RewardPlugin, samples: Sequence[Sample], verdicts: Sequen
     return results  # type: ignore[return-value]
 
 
-def _own_fields(plugin: RewardPlugin, sample: Sample, where: str) -> Sample:
-    """``sample`` as ``plugin`` gets it: with the fields it declares and no others, as a server would."""
-    if not sample.fields and not plugin_sample_fields(plugin):
+def _own_fields(name: str, declared: Mapping[str, type], sample: Sample, where: str) -> Sample:
+    """``sample`` as reward ``name`` gets it: with the fields it declares and no others, as a server would."""
+    if not sample.fields and not declared:
         return sample
-    return dataclasses.replace(sample, fields=fields_for(plugin, sample, where))
+    return dataclasses.replace(sample, fields=fields_for(name, declared, sample, where))

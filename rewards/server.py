@@ -382,7 +382,7 @@ class RewardServer:
             raise WireError(f"{where}: field(s) {unknown} are not declared by reward {self.plugin.name!r}, which "
                             f"declares: {declared}")
         try:
-            sample.fields = fields_for(self.plugin, sample, where)
+            sample.fields = fields_for(self.plugin.name, self.sample_fields, sample, where)
         except ValueError as err:
             raise WireError(str(err)) from None
         return sample
