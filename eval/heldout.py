@@ -36,7 +36,7 @@ from accelerate.utils import gather_object
 from ..common.audio import write_audio
 from ..common.generation import SamplingParams
 from ..policies.sampling import RELEASED_SAMPLING
-from ..rewards.base import RewardPlugin, Sample, plugin_roles, score_all
+from ..rewards.base import RewardPlugin, RewardResult, Sample, plugin_roles, score_all
 from ..rlhf.rollout import RolloutEnv
 from .html import write_eval_page
 
@@ -119,6 +119,15 @@ def role_plugins(plugins: Sequence[RewardPlugin]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def role_value(result: RewardResult, name: str, key: str, role: str, what: str) -> Any:
+    """The measure reward ``name`` declares as its ``role`` (``info[key]``) for one utterance (``what``); a result
+    without it is an error, so a table never shows a reward value in place of the measure."""
+    if key not in result.info:
+        raise ValueError(f"reward {name!r} declares info[{key!r}] as its {role}, but its result for {what} has none "
+                         f"(status {result.status} {result.reason!r}, info keys {sorted(result.info)})")
+    return result.info[key]
+
+
 def _seed_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     means = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]
              if key in ROLE_COLUMNS.values() or key.startswith("reward/")}
@@ -196,14 +205,9 @@ def _score_rows(extras: Sequence[Mapping[str, Any]], plugins: Sequence[RewardPlu
         for name, scored in results.items():
             row[f"reward/{name}"] = scored[i].value
         for role, (name, key) in roles.items():
-            result = results[name][i]
-            if key not in result.info:
-                raise ValueError(f"reward {name!r} declares info[{key!r}] as its {role}, but its result for "
-                                 f"utterance {start + i} has none (status {result.status} {result.reason!r}, info "
-                                 f"keys {sorted(result.info)})")
-            row[ROLE_COLUMNS[role]] = result.info[key]
+            row[ROLE_COLUMNS[role]] = role_value(results[name][i], name, key, role, f"utterance {start + i}")
             if role == "error_rate":
-                row["transcript"] = result.info.get("transcript", "")
+                row["transcript"] = results[name][i].info.get("transcript", "")
         rows.append(row)
     return rows
 

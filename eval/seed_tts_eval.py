@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..common.audio import read_audio, write_audio
 from ..policies.pipeline import SynthesisSettings, TTSPipeline
-from ..rewards.base import RewardPlugin, RewardResult, Sample, score_all
-from .heldout import role_plugins
+from ..rewards.base import RewardPlugin, Sample, score_all
+from .heldout import role_plugins, role_value
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,10 @@ def evaluate(pipeline: TTSPipeline, items: Sequence[EvalItem], plugins: Sequence
         if "error_rate" in roles:
             name, key = roles["error_rate"]
             row["transcript"] = results[name].info.get("transcript", "")
-            row["cer" if item.language == "zh" else "wer"] = _role_value(results[name], name, key, "error_rate")
+            row["cer" if item.language == "zh" else "wer"] = role_value(results[name], name, key, "error_rate", f"utterance {item.utt}")
         if "similarity" in roles:
             name, key = roles["similarity"]
-            row["sim"] = _role_value(results[name], name, key, "similarity")
+            row["sim"] = role_value(results[name], name, key, "similarity", f"utterance {item.utt}")
         if "emotion" in results and item.emotion:
             row["emotion_predicted"] = results["emotion"].info.get("predicted")
             row["emotion_correct"] = float(str(row["emotion_predicted"]).split("/")[-1].lower() == item.emotion.lower())
@@ -93,13 +93,6 @@ def evaluate(pipeline: TTSPipeline, items: Sequence[EvalItem], plugins: Sequence
     means = summarize(rows)
     write_report(rows, means, out_dir)
     return rows, means
-
-
-def _role_value(result: RewardResult, name: str, key: str, role: str) -> float:
-    if key not in result.info:
-        raise ValueError(f"reward {name!r} declares info[{key!r}] as its {role}, but its result has none (status "
-                         f"{result.status} {result.reason!r}); the report gives the measure, not a reward value")
-    return result.info[key]
 
 
 def write_report(rows: Sequence[Mapping[str, Any]], means: Mapping[str, float], out_dir: Path) -> None:
