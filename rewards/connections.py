@@ -25,22 +25,26 @@ from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
-ACCEPT_BACKLOG = 128  # connections the kernel queues, and the event loop accepts in one go before any is closed
+ACCEPT_BACKLOG = 64  # connections the kernel queues, and the event loop accepts in one go before any is made
 FD_HEADROOM = 32  # descriptors a model may open after the server starts (files, pipes to workers)
 
 
 def connection_cap(wanted: int, backlog: int = ACCEPT_BACKLOG) -> int:
-    """``wanted``, lowered so that a full server still has descriptors for one accept burst (``backlog``) and
-    :data:`FD_HEADROOM` more than it has open now (the model is loaded by then)."""
+    """``wanted``, lowered so that a full server still has :data:`FD_HEADROOM` more descriptors than it has open now
+    (the model is loaded by then) and two accept bursts of ``backlog``. Two, because the event loop makes a connection
+    (calls the protocol factory) one tick after it accepted the socket, and frees the descriptor of a connection
+    closed to make room one tick after the close: at the cap, one burst accepted but not yet made can meet the
+    previous burst's closings not yet freed."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
     open_now = len(os.listdir("/dev/fd"))
-    room = soft - open_now - backlog - FD_HEADROOM
+    kept = 2 * backlog + FD_HEADROOM
+    room = soft - open_now - kept
     if room < 1:
         raise ValueError(f"the open-file limit ({soft}, ulimit -n) leaves no descriptor for connections: the server "
-                         f"has {open_now} open and keeps {backlog + FD_HEADROOM} for accepting and its model; raise it "
-                         f"to at least {open_now + backlog + FD_HEADROOM + 64}")
+                         f"has {open_now} open and keeps {kept} for accepting and its model; raise it "
+                         f"to at least {open_now + kept + 64}")
     if room < wanted:
         logger.info("at most %d connections at once (max_connections %d): the open-file limit is %d", room, wanted,
                     soft)
