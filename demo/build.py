@@ -72,10 +72,12 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 @dataclass
 class SpeechSettings:
     rate: int = 150  # espeak-ng words per minute
+    # espeak-ng voices the SFT data and GRPO prompts speak with
     train_voices: list[str] = field(default_factory=lambda: [
         "en-us+m1", "en-us+m2", "en-us+m4", "en-us+f1", "en-us+f2", "en-us+f3", "en-us+klatt", "en-us+klatt3",
         "en-us+Alex", "en-us+benjamin", "en-us+edward", "en-us+max", "en-us+michael", "en-us+grandpa",
         "en-us+victor", "en-us+caleb"])
+    # voices only the held-out evaluation hears (none may also be a training voice)
     heldout_voices: list[str] = field(default_factory=lambda: [
         "en-us+m5", "en-us+m6", "en-us+f4", "en-us+f5", "en-us+klatt2", "en-us+klatt4", "en-us+adam",
         "en-us+david"])
@@ -83,14 +85,14 @@ class SpeechSettings:
 
 @dataclass
 class TextSettings:
-    words: list[str] = field(default_factory=lambda: list(DIGITS))
-    min_words: int = 3
-    max_words: int = 6
+    words: list[str] = field(default_factory=lambda: list(DIGITS))  # each text is a random string of these words
+    min_words: int = 3  # words per text, at least
+    max_words: int = 6  # words per text, at most
 
 
 @dataclass
 class DataSettings:
-    sft_utterances_per_voice: int = 300
+    sft_utterances_per_voice: int = 300  # espeak-ng utterances rendered per training voice for SFT
     prompts_per_utterance: int = 1  # SFT pairs each utterance with this many voice prompts of its speaker
     rl_prompts: int = 96  # GRPO prompt rows (SFT voices, texts not in SFT)
     heldout_utterances: int = 128  # evaluation rows (held-out voices and texts)
@@ -98,27 +100,27 @@ class DataSettings:
 
 @dataclass
 class ModelSettings:
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_layers: int = 4
-    num_heads: int = 4
+    hidden_size: int = 192  # the speech LM (a Llama) width
+    intermediate_size: int = 512  # its MLP width
+    num_layers: int = 4  # its decoder layers
+    num_heads: int = 4  # its attention heads
 
 
 @dataclass
 class SFTSettings:
-    steps: int = 400
+    steps: int = 400  # optimizer steps of SFT
     eval_every: int = 100  # held-out word error rate of the SFT samples every this many steps, into provenance.json
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    batch_size: int = 32  # (text, speech) examples per step
+    learning_rate: float = 2e-3  # AdamW, constant after the warm-up
+    warmup_steps: int = 50  # linear warm-up from 0
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # gradients clipped to this global norm (0: not clipped)
 
 
 @dataclass
 class DemoTTSConfig:
-    output_dir: str = "runs/demo_tts"
-    seed: int = 0
+    output_dir: str = "runs/demo_tts"  # the checkpoint, prompt files and provenance.json go here
+    seed: int = 0  # texts, the train/held-out split, the codebook, weights and SFT order
     speech: SpeechSettings = field(default_factory=SpeechSettings)
     text: TextSettings = field(default_factory=TextSettings)
     data: DataSettings = field(default_factory=DataSettings)

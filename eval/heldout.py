@@ -53,16 +53,16 @@ class HeldoutSettings:
     # prompt rows (JSON lines / parquet, as for training), or `demo` for the demo's held-out set; required unless
     # the checkpoint is the demo's (then its held-out set), so that a real recipe never evaluates digits by default
     data: str | None = None
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # every row is sampled once per seed; tables show the mean and each
     limit: int | None = None  # evaluate the first `limit` rows only (quick checks)
     batch_size: int = 32  # rows sampled together; the batches are shared out between the processes
     every_steps: int = 0  # also score the policy being trained every N steps (eval/* in the metrics); 0: off
     save_wavs: int = 3  # utterances whose audio is written for each policy (first seed)
     # sampling as GLM-TTS synthesises, whatever the training schedule was
     temperature: float = RELEASED_SAMPLING.temperature
-    top_k: int | None = RELEASED_SAMPLING.top_k
-    top_p: float | None = RELEASED_SAMPLING.top_p
-    max_new_tokens: int = 256
+    top_k: int | None = RELEASED_SAMPLING.top_k  # null: no top-k cut
+    top_p: float | None = RELEASED_SAMPLING.top_p  # null: no nucleus cut
+    max_new_tokens: int = 256  # speech tokens per utterance at most (256 at 25 Hz: 10.2 s)
 
     def __post_init__(self) -> None:
         if not self.seeds:

@@ -31,13 +31,13 @@ WEIGHTS_FILE = "centroids.safetensors"
 
 @dataclass(frozen=True)
 class MelUnitsConfig:
-    sample_rate: int = 16000
-    n_fft: int = 1024
-    hop: int = 320
-    n_mels: int = 80
+    sample_rate: int = 16000  # Hz of the audio it encodes and decodes
+    n_fft: int = 1024  # STFT window, samples
+    hop: int = 320  # STFT hop, samples (320 at 16 kHz: 50 Hz frames)
+    n_mels: int = 80  # mel bands per frame
     frames_per_code: int = 2  # 50 Hz frames -> 25 Hz codes
-    num_codes: int = 512
-    griffin_lim_iters: int = 32
+    num_codes: int = 512  # k-means centroids: the speech-token vocabulary
+    griffin_lim_iters: int = 32  # Griffin-Lim phase-recovery iterations per decode (more: slower)
 
     @property
     def code_rate(self) -> float:

@@ -24,11 +24,11 @@ class ToyConfig:
     """The ``env`` section of ``name: toy``: the model's size and the prompts, all seeded."""
 
     vocab_size: int = 16  # token 0 is the stop (and padding) token
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 4
+    hidden_size: int = 32  # the Llama model's width
+    num_layers: int = 2  # its decoder layers
+    num_heads: int = 4  # its attention heads
     prompt_length: int = 4  # tokens per prompt
-    num_prompts: int = 64
+    num_prompts: int = 64  # distinct prompts training draws from
     target_tokens: tuple[int, ...] = (1, 2, 3)  # the tokens `hits` rewards
     seed: int = 0  # the model's random weights and (with seed + 1) the prompts
 

@@ -33,16 +33,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SFTConfig:
-    ckpt: str = "ckpt"
+    ckpt: str = "ckpt"  # a GLM-TTS checkpoint folder in the release's layout (its speech tokenizer encodes the audio)
     data: str = "data/voice.jsonl"  # rows: {"text": ..., "audio": path relative to the file}
-    output_dir: str = "runs/lora_voice"
-    trust_remote_code: bool = False
-    seed: int = 0
-    epochs: int = 3
-    batch_size: int = 4
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    output_dir: str = "runs/lora_voice"  # adapter/ (a peft folder) and sft_summary.json go here
+    trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint
+    seed: int = 0  # LoRA initialisation and batch order
+    epochs: int = 3  # passes over the rows
+    batch_size: int = 4  # examples per optimizer step
+    learning_rate: float = 1e-4  # AdamW
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # gradients clipped to this global norm (0: not clipped)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(
         r=8, lora_alpha=16, lora_dropout=0.1, modules_to_save=["embed_tokens", "lm_head"]))
 
