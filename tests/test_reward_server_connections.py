@@ -204,7 +204,7 @@ def test_a_flood_of_half_sent_headers_under_a_low_fd_limit_leaves_the_server_rea
         health = []
         for _ in range(4):  # while the flood is held
             t0 = time.monotonic()
-            answer = await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/health", timeout=2)
+            answer = await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/health", timeout=2.5)
             health.append((answer.status, time.monotonic() - t0))
             fds.append(len(os.listdir(f"/proc/{proc.pid}/fd")))
             await asyncio.sleep(0.2)
@@ -223,7 +223,9 @@ def test_a_flood_of_half_sent_headers_under_a_low_fd_limit_leaves_the_server_rea
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
-    assert all(code == 200 and seconds < 1.0 for code, seconds in health), health
+    # within 2 s, not the header timeout (3 s) the server was unreachable for before the cap; 1 s of that allows one
+    # connection attempt dropped by the kernel while the flood fills the listen queue, and retried after its 1 s RTO
+    assert all(code == 200 and seconds < 2.0 for code, seconds in health), health
     assert status.startswith(b"HTTP/1.1 200")
     assert all(closed) and closing_s < 3 + 1.5  # the ones left are cut at the header timeout
     assert max(fds) <= 256 - FD_HEADROOM, fds
