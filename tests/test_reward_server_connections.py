@@ -44,7 +44,7 @@ def test_accept_errors_are_logged_once_per_interval_in_one_line(caplog):
     assert handler.lines.missed == 999
 
 
-def test_the_cap_leaves_descriptors_for_an_accept_burst_and_the_model(monkeypatch):
+def test_the_cap_leaves_descriptors_for_two_accept_bursts_and_the_model(monkeypatch):
     monkeypatch.setattr(connections.resource, "getrlimit", lambda _: (256, 256))
     open_now = len(os.listdir("/dev/fd"))
     assert connection_cap(512) == 256 - open_now - 2 * ACCEPT_BACKLOG - FD_HEADROOM
